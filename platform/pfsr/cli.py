@@ -1,0 +1,145 @@
+"""`pfsr`: one command, one subcommand per stage. Flags are parsed here; the work is imported only when run
+(so `pfsr --help` does not import Ray or torch)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError
+from .errors import InputError
+
+SAMPLER_HELP = "pf_ode (adaptive dopri5), sde (Euler-Maruyama), dpmpp_2m, unipc (few-step data-prediction solvers)"
+
+
+def _upscale(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="image file or folder of images")
+    p.add_argument("output", metavar="OUT", help="output PNG file, or folder for a batch")
+    p.add_argument("--checkpoint", help="exported checkpoint (default: the shipped models/pfsr_x4_small.pt)")
+    p.add_argument("--sampler", default=None, help=SAMPLER_HELP + " (default: the checkpoint's config)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (fixed-step samplers)")
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=None, help="LR tile size for large images (default: config)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def _prep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="raw data set: local path or s3://bucket/prefix")
+    p.add_argument("--out", required=True, help="shard output: local path or s3://bucket/prefix")
+    p.add_argument("--layout", default="auto", choices=["auto", "div2k", "imagenet", "celeba", "folder"])
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--patch", type=int, default=480, help="sub-image size (BasicSR extract_subimages)")
+    p.add_argument("--step", type=int, default=240, help="sub-image stride")
+    p.add_argument("--min-size", type=int, default=64, help="smaller images are rejected")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="larger images are rejected before decoding")
+    p.add_argument("--shard-size-mb", type=float, default=256)
+    p.add_argument("--min-shards", type=int, default=8)
+    p.add_argument("--format", default="png", choices=["png", "webp"], help="lossless encoding of the HR samples")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+
+
+def _train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--data", default=None, help="train shards URI (overrides data.train); val from data.val")
+    p.add_argument("--val-data", default=None, help="validation shards URI (overrides data.val)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
+    p.add_argument("--steps", type=int, default=None, help="overrides train.steps")
+    p.add_argument("--storage", default="runs", help="run storage: local path or s3://bucket/prefix")
+    p.add_argument("--name", default=None, help="run name (default: config name and time)")
+    p.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
+    p.add_argument("--init", default=None, help="checkpoint of the previous stage to start from")
+    p.add_argument("--ray-address", default=None)
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory or checkpoint (local or s3://)")
+    p.add_argument("--out", required=True, help="serving checkpoint file to write")
+    p.add_argument("--which", default="best", choices=["best", "latest"])
+
+
+def _evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="exported checkpoint (local or s3://)")
+    p.add_argument("--data", required=True, help="shard prefix or folder of HR images (local or s3://)")
+    p.add_argument("--out", required=True, help="output directory (local or s3://)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--scale", type=int, default=None, help="must match the checkpoint's scale (default: it)")
+    p.add_argument("--sampler", default="pf_ode", help=SAMPLER_HELP)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas in the Ray Data actor pool")
+    p.add_argument("--gpus-per-replica", type=float, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lpips-weights", default=None, help="VGG16 backbone (torchvision's vgg16-397923af.pth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-address", default=None)
+
+
+def _serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="exported checkpoint (default: the shipped model)")
+    p.add_argument("--config", default=None, help="YAML whose serve: section overrides the defaults")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ray-address", default=None)
+
+
+def _sweep_c(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True, help="train shards URI")
+    p.add_argument("--val-data", default=None)
+    p.add_argument("--values", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", required=True, help="output directory for the table and plot")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--ray-address", default=None)
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="your own images (local or s3://); default: scikit-image's photos")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="a shortened run (tests)")
+
+
+# name -> (help, argument builder, "module:function" that runs it)
+COMMANDS = {
+    "upscale": ("super-resolve an image or a folder", _upscale, "pfsr.inference:run_cli"),
+    "prep": ("shard a raw data set into WebDataset tars with Ray Data", _prep, "pfsr.pipeline.prep:run_cli"),
+    "train": ("train with Ray Train (DDP)", _train, "pfsr.pipeline.train:run_cli"),
+    "export": ("write a serving checkpoint from a run", _export, "pfsr.checkpoint:run_export_cli"),
+    "evaluate": ("evaluate with Ray Data batch inference", _evaluate, "pfsr.pipeline.evaluate:run_cli"),
+    "serve": ("run the Ray Serve endpoint", _serve, "pfsr.pipeline.serve:run_cli"),
+    "sweep-c": ("choose the hybrid constant c with Ray Tune", _sweep_c, "pfsr.pipeline.sweep:run_cli"),
+    "demo": ("the whole pipeline on the bundled photos", _demo, "pfsr.pipeline.demo:run_cli"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfsr", description="PF-SR: diffusion super-resolution on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, target) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.target.split(":")
+    run = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(run(args) or 0)
+    except (InputError, ConfigError, FileNotFoundError) as e:
+        print(f"pfsr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pfsr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, every field with a default.
+
+A config file holds any subset of the sections below; unknown keys and values of the wrong type fail with a
+`ConfigError` that names the key (`model.rrdb_num_block: expected int, got 'many'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    scale: int = 4  # super-resolution factor: 2, 3, 4 or 8
+    in_channels: int = 3
+    # RRDB LR encoder (BasicSR names)
+    rrdb_num_feat: int = 64
+    rrdb_num_block: int = 23
+    rrdb_num_grow_ch: int = 32
+    rrdb_feature_blocks: list[int] = field(default_factory=lambda: [1, 8, 15, 22])  # counted from 0
+    encoder_checkpoint: Optional[str] = None  # pretrained RRDB (encoder stage checkpoint or exported file)
+    freeze_encoder: bool = False
+    # U-Net with BigGAN residual blocks
+    unet_base_channels: int = 128
+    unet_channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2])
+    unet_num_res_blocks: int = 2
+    unet_attention_levels: list[int] = field(default_factory=lambda: [3])  # levels (0 = full size) with self-attention
+    unet_num_heads: int = 4
+    unet_dropout: float = 0.0
+    # What is diffused: "residual" r = k (HR - bicubic_up(LR)) as the reference code (k = 5), or "hr" (2 HR - 1).
+    diffuse: Literal["residual", "hr"] = "residual"
+    residual_scale: float = 5.0
+
+
+@dataclass
+class DiffusionConfig:
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    hybrid_c: float = 1.0  # lambda(t) = abar(t)^c; the seed picks c in [0.5, 1.5] per data set
+
+
+@dataclass
+class LossConfig:
+    dsm_target: Literal["heads", "mixed"] = "heads"  # DSM on both heads (reference code) or on the mixed eps_hat
+    eps_weight: float = 1.0
+    x0_weight: float = 1.0
+    quality_weight: float = 0.0  # w in DSM + w * quality; the reference fine-tuning stage uses 0.5
+    quality_every: int = 1  # add the quality term every k-th step
+    quality_solver: Literal["rk4", "dopri5"] = "rk4"
+    quality_steps: int = 10  # K steps of the fixed-step solver
+    quality_rtol: float = 1e-3  # dopri5 only
+    quality_atol: float = 1e-3
+    # "vgg19": VGG19 relu5_4 features, L1 (needs quality_vgg19_weights, torchvision's vgg19-dcbb9e9d.pth);
+    # "laplacian": weight-free L1 over a Laplacian pyramid, works offline.
+    quality_features: Literal["vgg19", "laplacian"] = "laplacian"
+    quality_vgg19_weights: Optional[str] = None
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "pf_ode"
+    steps: Optional[int] = None
+    rtol: float = 1e-4
+    atol: float = 1e-4
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # shard directory / s3:// prefix (pfsr prep output)
+    val: Optional[str] = None
+    crop: int = 64  # HR crop size (a multiple of the scale and of the U-Net depth)
+    batch_size: int = 8
+    shuffle_buffer: int = 256
+    num_workers: int = 1
+    augment: bool = True  # flips and 90-degree rotations
+    val_images: int = 4
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["encoder", "diffusion", "quality"] = "diffusion"
+    steps: int = 1000
+    lr: float = 1e-4
+    warmup_steps: int = 500
+    lr_decay_steps: list[int] = field(default_factory=list)  # multiply lr by lr_decay_factor at these steps
+    lr_decay_factor: float = 0.5
+    grad_clip: float = 10.0
+    ema_decay: float = 0.999
+    bf16: bool = True  # bf16 autocast for the DSM step on GPU
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 200
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_failures: int = 3
+    val_sampler: str = "dpmpp_2m"
+    val_steps: int = 10
+    torch_threads: int = 0  # per worker; 0 = cores / workers
+
+
+@dataclass
+class ServeConfig:
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 16
+    max_pixels: int = 512 * 512  # input pixels
+    tile: int = 128  # input tile size for large images (LR pixels)
+    tile_overlap: int = 16
+    max_nfe: int = 200
+    max_seconds: float = 120.0
+    default_sampler: str = "dpmpp_2m"
+    default_steps: int = 10
+    token_env: str = "PFSR_TOKEN"  # bearer token read from this environment variable when set
+    min_replicas: int = 1
+    max_replicas: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        m = self.model
+        _check(m.scale in (2, 3, 4, 8), "model.scale", f"must be 2, 3, 4 or 8, got {m.scale}")
+        _check(all(0 <= b < m.rrdb_num_block for b in m.rrdb_feature_blocks), "model.rrdb_feature_blocks",
+               f"block indices must lie in [0, {m.rrdb_num_block - 1}], got {m.rrdb_feature_blocks}")
+        _check(len(m.rrdb_feature_blocks) > 0, "model.rrdb_feature_blocks", "must name at least one block")
+        _check(len(m.unet_channel_mult) > 0, "model.unet_channel_mult", "must have at least one level")
+        _check(all(0 <= a < len(m.unet_channel_mult) for a in m.unet_attention_levels),
+               "model.unet_attention_levels", f"levels must lie in [0, {len(m.unet_channel_mult) - 1}]")
+        d = self.diffusion
+        _check(0 < d.t_min < 1, "diffusion.t_min", f"must lie in (0, 1), got {d.t_min}")
+        _check(0 < d.beta_min < d.beta_max, "diffusion.beta_max", "need 0 < beta_min < beta_max")
+        _check(d.hybrid_c > 0, "diffusion.hybrid_c", f"must be positive, got {d.hybrid_c}")
+        _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
+        _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
+        unit = m.scale * 2 ** (len(m.unet_channel_mult) - 1)
+        _check(self.data.crop % unit == 0, "data.crop",
+               f"must be a multiple of {unit} (scale {m.scale} x U-Net depth factor "
+               f"{2 ** (len(m.unet_channel_mult) - 1)}), got {self.data.crop}")
+        _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.train.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.train.lr > 0, "train.lr", "must be positive")
+        _check(0 <= self.train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)")
+        return self
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, list[...], Optional, Literal)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    return _build(Config, data or {}, "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (None: all defaults) and apply dotted overrides like {"train.steps": 10}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"{dotted}: overrides take the form section.key")
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section}: expected a mapping")
+        data[section][key] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def config_reference() -> str:
+    """Markdown table of every field with its type and default (for the README)."""
+    lines = ["| key | type | default |", "| --- | --- | --- |"]
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = str(hints[f.name]).replace("typing.", "")
+            lines.append(f"| `{section.name}.{f.name}` | `{tp}` | `{default!r}` |")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""PF-SR model: RRDB LR encoder + two-headed U-Net + hybrid parametrization on the VP SDE."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..degradation import upsample
+from ..diffusion import VPSDE, hybrid_mix, sde_from_config
+from .rrdb import RRDBNet
+from .unet import UNet
+
+
+@dataclass
+class Condition:
+    """What the U-Net sees of the LR image: RRDB features [N x F x h x w] and the bicubic upsampling
+    [N x C x H x W] in [0, 1]."""
+
+    features: Tensor
+    upsampled: Tensor
+
+
+class PFSRModel(nn.Module):
+    """Conditional score model. `heads(x_t, t, cond)` -> (e, d): noise and data predictions of the diffused
+    variable; `denoise` mixes them with lambda(t) = abar(t)^c into (eps_hat, x0_hat).
+
+    The diffused variable is r = k (HR - bicubic_up(LR)) ("residual", k = residual_scale) or 2 HR - 1 ("hr").
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.scale = m.scale
+        self.diffuse = m.diffuse
+        self.residual_scale = m.residual_scale
+        self.hybrid_c = config.diffusion.hybrid_c
+        self.sde: VPSDE = sde_from_config(config.diffusion)
+        self.rrdb = RRDBNet(num_in_ch=m.in_channels, num_out_ch=m.in_channels, scale=m.scale, num_feat=m.rrdb_num_feat,
+                            num_block=m.rrdb_num_block, num_grow_ch=m.rrdb_num_grow_ch,
+                            feature_blocks=tuple(m.rrdb_feature_blocks))
+        self.unet = UNet(in_channels=2 * m.in_channels, out_channels=2 * m.in_channels,
+                         cond_channels=self.rrdb.feature_channels, base_channels=m.unet_base_channels,
+                         channel_mult=tuple(m.unet_channel_mult), num_res_blocks=m.unet_num_res_blocks,
+                         attention_levels=tuple(m.unet_attention_levels), num_heads=m.unet_num_heads,
+                         dropout=m.unet_dropout)
+        self.freeze_encoder = m.freeze_encoder
+        if m.freeze_encoder:
+            self.rrdb.requires_grad_(False)
+
+    @property
+    def lr_multiple(self) -> int:
+        """LR sides must be multiples of this (the U-Net's depth divides the HR size)."""
+        return self.unet.size_multiple // math.gcd(self.unet.size_multiple, self.scale)
+
+    def check_lr_size(self, lr: Tensor) -> None:
+        h, w = lr.shape[-2:]
+        need = self.unet.size_multiple
+        if (h * self.scale) % need or (w * self.scale) % need:
+            raise ValueError(f"HR size {h * self.scale}x{w * self.scale} (LR {h}x{w} x{self.scale}) must be a multiple "
+                             f"of {need} on both sides (U-Net depth); pad the LR image to a multiple of {self.lr_multiple}")
+
+    def condition(self, lr: Tensor) -> Condition:
+        """LR [N x C x h x w] in [0, 1] -> Condition."""
+        self.check_lr_size(lr)
+        if self.freeze_encoder:
+            with torch.no_grad():
+                features = self.rrdb.features(lr)
+        else:
+            features = self.rrdb.features(lr)
+        return Condition(features=features, upsampled=upsample(lr, self.scale))
+
+    def to_diffused(self, hr: Tensor, cond: Condition) -> Tensor:
+        if self.diffuse == "residual":
+            return self.residual_scale * (hr - cond.upsampled)
+        return 2 * hr - 1
+
+    def from_diffused(self, r: Tensor, cond: Condition) -> Tensor:
+        if self.diffuse == "residual":
+            return cond.upsampled + r / self.residual_scale
+        return (r + 1) / 2
+
+    def heads(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+        """x_t [N x C x H x W], t [N] -> (e, d), each [N x C x H x W]."""
+        out = self.unet(torch.cat([x_t, 2 * cond.upsampled - 1], dim=1), t, cond.features)
+        return out.chunk(2, dim=1)
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+        """-> (eps_hat, x0_hat) of the hybrid parametrization."""
+        e, d = self.heads(x_t, t, cond)
+        return hybrid_mix(e, d, x_t, t, self.sde, self.hybrid_c)
+
+    def denoiser_fns(self, cond: Condition):
+        """(eps_fn, x0_fn) for `pfsr.sampling.sample`; each call is one network evaluation."""
+
+        def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.denoise(x, t, cond)[0]
+
+        def x0_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.denoise(x, t, cond)[1]
+
+        return eps_fn, x0_fn
+
+    def regress(self, lr: Tensor) -> Tensor:
+        """The RRDB's own L1 regression output [N x C x sh x sw] (encoder stage, baseline)."""
+        return self.rrdb(lr)
+
+
+def build_model(config: Config) -> PFSRModel:
+    return PFSRModel(config)
