@@ -56,7 +56,6 @@ def ray_cluster(s3_endpoint):
     """One local Ray cluster for the whole session (started after the S3 endpoint, so workers see AWS_*)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "platform")}})
     yield ray
