@@ -1,0 +1,148 @@
+"""Training objectives: denoising score matching on both heads, L1 encoder regression, and the image-quality
+loss through the probability-flow ODE with adjoint gradients (seed 000)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchdiffeq import odeint_adjoint
+
+from .config import LossConfig
+from .diffusion import hybrid_mix
+from .models.sr import Condition, PFSRModel
+from .sampling import ProbabilityFlowODE
+
+
+def dsm_loss(model: PFSRModel, r0: Tensor, cond: Condition, cfg: LossConfig,
+             generator: Optional[torch.Generator] = None) -> Tensor:
+    """E_t,eps [w_e ||e - eps||^2 + w_d ||d - r0||^2] (cfg.dsm_target "heads", the reference code) or
+    ||eps_hat - eps||^2 ("mixed"), t ~ U[t_min, 1]; means over pixels and batch. r0 [N x C x H x W]."""
+    sde = model.sde
+    n = r0.shape[0]
+    t = sde.t_min + (sde.t_max - sde.t_min) * torch.rand(n, device=r0.device, generator=generator)
+    eps = torch.randn(r0.shape, device=r0.device, generator=generator, dtype=r0.dtype)
+    x_t = sde.marginal(r0, t, eps)
+    e, d = model.heads(x_t, t, cond)
+    if cfg.dsm_target == "mixed":
+        eps_hat, _ = hybrid_mix(e, d, x_t, t, sde, model.hybrid_c)
+        return F.mse_loss(eps_hat.float(), eps.float())
+    return cfg.eps_weight * F.mse_loss(e.float(), eps.float()) + cfg.x0_weight * F.mse_loss(d.float(), r0.float())
+
+
+def l1_regression_loss(model: PFSRModel, lr: Tensor, hr: Tensor) -> Tensor:
+    """Encoder pretraining: L1 between the RRDB's own SR output and HR."""
+    return F.l1_loss(model.regress(lr), hr)
+
+
+class LaplacianPyramidDistance(nn.Module):
+    """Weight-free image distance: L1 over the bands of a 5-level Laplacian pyramid of [N x 3 x H x W] in [0, 1].
+
+    The default quality feature when no VGG19 weights are supplied: it needs no download and weighs edges and
+    texture at several scales, as feature distances do, rather than raw pixels alone.
+    """
+
+    def __init__(self, levels: int = 5):
+        super().__init__()
+        self.levels = levels
+        g = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+        self.register_buffer("kernel", (g[:, None] * g[None, :]).expand(3, 1, 5, 5).clone(), persistent=False)
+
+    def _blur(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.kernel.to(x.dtype), groups=x.shape[1])
+
+    def bands(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for _ in range(self.levels - 1):
+            if min(x.shape[-2:]) < 6:
+                break
+            low = self._blur(x)
+            out.append(x - low)
+            x = F.avg_pool2d(low, 2)
+        out.append(x)
+        return out
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return sum(F.l1_loss(a, b) * 2**i for i, (a, b) in enumerate(zip(self.bands(x), self.bands(y))))
+
+
+def build_quality_distance(cfg: LossConfig) -> nn.Module:
+    """The feature distance of the quality loss: "laplacian" (weight-free) or "vgg19" (needs weights)."""
+    if cfg.quality_features == "laplacian":
+        return LaplacianPyramidDistance()
+    from .features import VGG19Distance
+
+    return VGG19Distance(cfg.quality_vgg19_weights)
+
+
+class ConditionedPFODE(ProbabilityFlowODE):
+    """PF-ODE of the model for one batch of conditions; torchdiffeq's `forward(t, x)`."""
+
+    def __init__(self, model: PFSRModel, cond: Condition):
+        super().__init__(lambda x, t: model.denoise(x, t, cond)[0], model.sde)
+        self.model = model  # registered so that its parameters are the function's
+
+
+def solve_pf_ode_adjoint(model: PFSRModel, cond: Condition, x_T: Tensor, cfg: LossConfig) -> Tensor:
+    """x_T at t = 1 -> x at t_min, differentiable by the adjoint method (memory flat in the number of steps).
+
+    The adjoint parameters are the trainable parameters the ODE function uses: the U-Net's, plus the LR feature
+    tensor when the encoder is trained, through which the encoder's parameters receive their gradients.
+    """
+    func = ConditionedPFODE(model, cond)
+    sde = model.sde
+    t_span = torch.tensor([sde.t_max, sde.t_min], device=x_T.device, dtype=x_T.dtype)
+    adjoint_params = tuple(p for p in model.unet.parameters() if p.requires_grad)
+    if cond.features.requires_grad:
+        adjoint_params += (cond.features,)
+    if cfg.quality_solver == "rk4":
+        options = {"step_size": (sde.t_max - sde.t_min) / cfg.quality_steps}
+        kwargs = dict(method="rk4", options=options, adjoint_method="rk4", adjoint_options=options)
+    else:
+        kwargs = dict(method="dopri5", rtol=cfg.quality_rtol, atol=cfg.quality_atol)
+    return odeint_adjoint(func, x_T, t_span, adjoint_params=adjoint_params, **kwargs)[-1]
+
+
+def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Module, cfg: LossConfig,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """Feature distance between the PF-ODE solution from x_1 ~ N(0, I) and HR [N x C x H x W] in [0, 1].
+
+    Runs in float32 even under bf16 autocast.
+    """
+    with torch.autocast(device_type=hr.device.type, enabled=False):
+        cond32 = Condition(features=cond.features.float(), upsampled=cond.upsampled.float())
+        x_T = torch.randn(hr.shape, device=hr.device, generator=generator, dtype=torch.float32)
+        r = solve_pf_ode_adjoint(model, cond32, x_T, cfg)
+        return distance(model.from_diffused(r, cond32), hr.float())
+
+
+class TrainingObjective(nn.Module):
+    """Everything one training step differentiates, in one forward (so DDP sees a single call).
+
+    forward(hr [N x C x H x W] in [0, 1], lr [N x C x h x w], with_quality) -> dict of scalar losses with "total".
+    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (DSM + w * quality).
+    """
+
+    def __init__(self, model: PFSRModel, cfg: LossConfig, stage: str):
+        super().__init__()
+        self.model, self.cfg, self.stage = model, cfg, stage
+        needs_quality = stage == "quality" or cfg.quality_weight > 0
+        self.distance = build_quality_distance(cfg) if needs_quality and stage != "encoder" else None
+        if self.distance is not None:
+            self.distance.requires_grad_(False)
+
+    def forward(self, hr: Tensor, lr: Tensor, with_quality: bool = False,
+                generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        if self.stage == "encoder":
+            l1 = l1_regression_loss(self.model, lr, hr)
+            return {"loss_l1": l1, "total": l1}
+        cond = self.model.condition(lr)
+        r0 = self.model.to_diffused(hr, cond)
+        dsm = dsm_loss(self.model, r0, cond, self.cfg, generator)
+        out = {"loss_dsm": dsm, "total": dsm}
+        if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
+            q = quality_loss(self.model, cond, hr, self.distance, self.cfg, generator)
+            out["loss_quality"] = q
+            out["total"] = dsm + self.cfg.quality_weight * q
+        return out

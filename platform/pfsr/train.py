@@ -1,0 +1,139 @@
+"""One training step and the loop around it, shared by local runs and the Ray Train job (no Ray here)."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .degradation import degrade
+from .losses import TrainingObjective
+from .models.sr import PFSRModel
+
+log = logging.getLogger("pfsr.train")
+
+
+def set_trainable(model: PFSRModel, stage: str) -> None:
+    """Encoder stage: only the RRDB (trunk and regression head). Diffusion/quality stages: the U-Net and the RRDB
+    trunk unless frozen; the RRDB's regression head stays as it was (it is the baseline, unused by the U-Net)."""
+    model.requires_grad_(False)
+    if stage == "encoder":
+        model.rrdb.requires_grad_(True)
+        return
+    model.unet.requires_grad_(True)
+    if not model.freeze_encoder:
+        model.rrdb.conv_first.requires_grad_(True)
+        for i, block in enumerate(model.rrdb.body):
+            block.requires_grad_(i <= max(model.rrdb.feature_blocks))
+
+
+def lr_lambda(config: Config) -> Callable[[int], float]:
+    """Linear warm-up over train.warmup_steps, then x lr_decay_factor at each of train.lr_decay_steps."""
+    tc = config.train
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
+        return warm * tc.lr_decay_factor ** sum(step >= s for s in tc.lr_decay_steps)
+
+    return factor
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the config: model, EMA, optimizer, scheduler, step, data position."""
+
+    model: PFSRModel
+    ema: PFSRModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)
+    best_val: Optional[float] = None
+
+
+def make_state(model: PFSRModel, config: Config) -> TrainState:
+    set_trainable(model, config.train.stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    return TrainState(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Config,
+               generator: Optional[torch.Generator] = None) -> dict[str, float]:
+    """One optimizer step on a batch of HR crops [N x C x H x W] in [0, 1] (on the training device).
+
+    `objective` is a TrainingObjective over state.model, possibly wrapped in DistributedDataParallel. The LR
+    input is made here, on the device. Returns train/* metrics (losses, lr, grad_norm).
+    """
+    tc, lc = config.train, config.loss
+    lr_img = degrade(hr, config.model.scale)
+    with_quality = (tc.stage == "quality" or lc.quality_weight > 0) and state.step % lc.quality_every == 0
+    use_bf16 = tc.bf16 and hr.device.type == "cuda"
+    with torch.autocast(device_type=hr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        losses = objective(hr, lr_img, with_quality=with_quality, generator=generator)
+    state.optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    ema_update(state.ema, state.model, tc.ema_decay)
+    state.step += 1
+    metrics = {f"train/{k}": v.item() for k, v in losses.items() if k != "total"}
+    metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
+    metrics["train/grad_norm"] = grad_norm.item()
+    return metrics
+
+
+def train_loop(state: TrainState, config: Config, batches: Iterable[Tensor], *,
+               objective: Optional[nn.Module] = None, device: torch.device | str = "cpu",
+               on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
+               until_step: Optional[int] = None, generator: Optional[torch.Generator] = None) -> TrainState:
+    """Run train_step over `batches` until `until_step` (default train.steps); calls on_log every log_every steps
+    with the metrics averaged since the last call, plus train/samples_per_s."""
+    objective = objective if objective is not None else TrainingObjective(state.model, config.loss, config.train.stage)
+    until_step = config.train.steps if until_step is None else until_step
+    state.model.train()
+    acc: dict[str, float] = {}
+    count, samples, t0 = 0, 0, time.perf_counter()
+    batch_iter: Iterator[Tensor] = iter(batches)
+    while state.step < until_step:
+        hr = next(batch_iter).to(device, non_blocking=True)
+        metrics = train_step(objective, hr, state, config, generator)
+        for k, v in metrics.items():
+            acc[k] = acc.get(k, 0.0) + v
+        count, samples = count + 1, samples + hr.shape[0]
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite metrics at step {state.step}: {metrics}")
+        if state.step % config.train.log_every == 0 or state.step == until_step:
+            avg = {k: v / count for k, v in acc.items()}
+            avg["train/samples_per_s"] = samples / (time.perf_counter() - t0)
+            if on_log is not None:
+                on_log(state.step, avg)
+            acc, count, samples, t0 = {}, 0, 0, time.perf_counter()
+    return state
+
+
+def format_metrics(step: int, total: int, metrics: dict[str, float]) -> str:
+    """The progress line: step, losses and samples/s."""
+    parts = [f"step {step}/{total}"]
+    for k, v in metrics.items():
+        name = k.split("/", 1)[-1]
+        parts.append(f"{name} {v:.3g}" if name != "samples_per_s" else f"{v:.1f} samples/s")
+    return " | ".join(parts)
