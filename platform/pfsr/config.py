@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,10 +157,10 @@ class Config:
         _check(d.hybrid_c > 0, "diffusion.hybrid_c", f"must be positive, got {d.hybrid_c}")
         _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
         _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
-        unit = m.scale * 2 ** (len(m.unet_channel_mult) - 1)
+        depth = 2 ** (len(m.unet_channel_mult) - 1)
+        unit = math.lcm(m.scale, depth)
         _check(self.data.crop % unit == 0, "data.crop",
-               f"must be a multiple of {unit} (scale {m.scale} x U-Net depth factor "
-               f"{2 ** (len(m.unet_channel_mult) - 1)}), got {self.data.crop}")
+               f"must be a multiple of {unit} (the scale {m.scale} and the U-Net's {depth}), got {self.data.crop}")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.train.steps >= 1, "train.steps", "must be >= 1")
         _check(self.train.lr > 0, "train.lr", "must be positive")
@@ -245,19 +246,39 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
     return _build(Config, data or {}, "").validate()
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; `base: other.yaml` (relative to the file) is read first and overlaid."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a YAML config (None: all defaults) and apply dotted overrides like {"train.steps": 10}."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:
