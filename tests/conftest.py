@@ -67,7 +67,9 @@ def photos() -> dict[str, np.ndarray]:
     """name -> HxWx3 uint8 RGB photo from skimage.data."""
     from skimage import data
 
-    return {name: getattr(data, name)() for name in RGB_PHOTOS}
+    loaded = {name: getattr(data, name)() for name in RGB_PHOTOS}
+    # stereo_motorcycle() returns (left, right, disparity): keep the left view
+    return {name: img[0] if isinstance(img, tuple) else img for name, img in loaded.items()}
 
 
 @pytest.fixture(scope="session")
