@@ -3,6 +3,10 @@ config), both plain dicts of tensors and primitives that load with torch.load(we
 from __future__ import annotations
 
 import io
+import json
+import math
+import re
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
@@ -15,6 +19,12 @@ from .train import TrainState, make_state
 
 FORMAT = "pfsr"
 FORMAT_VERSION = 1
+# Inside a run directory (storage/name/): one folder per checkpoint holding the checkpoint and a small sidecar
+# with its step and metrics, so that best/latest are found without downloading every checkpoint.
+CHECKPOINT_FILE = "checkpoint.pt"
+SIDECAR_FILE = "metrics.json"
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+BEST_METRIC = "val/psnr_y"
 
 
 def training_checkpoint(state: TrainState, config: Config, metrics: Optional[dict[str, float]] = None) -> dict:
@@ -44,9 +54,10 @@ def save(obj: dict, dest: str | Path | BinaryIO) -> None:
         torch.save(obj, dest)
 
 
-def load(src: str | Path | bytes | BinaryIO, kind: Optional[str] = None) -> dict:
-    """Load and check a PF-SR checkpoint (weights_only); `kind` "training" or "serving" to insist on one."""
-    name = str(src) if isinstance(src, (str, Path)) else "checkpoint"
+def load(src: str | Path | bytes | BinaryIO, kind: Optional[str] = None, name: Optional[str] = None) -> dict:
+    """Load and check a PF-SR checkpoint (weights_only); `kind` "training" or "serving" to insist on one;
+    `name` names bytes or a stream in messages."""
+    name = name or (str(src) if isinstance(src, (str, Path)) else "checkpoint")
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise InputError(f"checkpoint {src} does not exist")
     try:
@@ -106,3 +117,75 @@ def init_from(state: TrainState, ckpt: dict) -> list[str]:
 def describe(ckpt: dict) -> dict[str, Any]:
     return {"kind": ckpt["kind"], "step": ckpt["step"], "scale": ckpt["config"]["model"]["scale"],
             "metrics": ckpt.get("metrics", {})}
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:06d}"
+
+
+def save_checkpoint_dir(folder: str | Path, ckpt: dict) -> Path:
+    """Write a training checkpoint into `folder` as a run keeps it: checkpoint.pt and the metrics.json sidecar
+    (step, finite metrics, wall-clock time of saving)."""
+    folder = Path(folder)
+    save(ckpt, folder / CHECKPOINT_FILE)
+    metrics = {k: v for k, v in ckpt.get("metrics", {}).items() if math.isfinite(v)}
+    (folder / SIDECAR_FILE).write_text(json.dumps({"step": ckpt["step"], "metrics": metrics,
+                                                   "saved_at": time.time()}, indent=1))
+    return folder
+
+
+def find_checkpoint(uri: str, which: str = "best") -> str:
+    """A run directory, checkpoint directory or checkpoint file (local or s3://) -> URI of the checkpoint file.
+
+    In a run directory, "latest" is the checkpoint with the highest step and "best" the one with the highest
+    val/psnr_y (the latest when none was validated). Reads only the sidecars, never imports Ray.
+    """
+    from . import storage
+
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    if storage.is_file(uri):
+        return uri
+    if storage.is_file(storage.join(uri, CHECKPOINT_FILE)):
+        return storage.join(uri, CHECKPOINT_FILE)
+    found = {}  # step -> metrics, for complete checkpoint folders only
+    for entry in storage.list_files(uri, recursive=True):
+        folder, _, leaf = entry.path.rpartition("/")
+        match = CHECKPOINT_DIR.match(folder)
+        if match and leaf == SIDECAR_FILE:
+            found[folder] = json.loads(storage.read_bytes(storage.join(uri, entry.path)))
+    folders = [f for f in found if storage.is_file(storage.join(uri, f, CHECKPOINT_FILE))]
+    if not folders:
+        what = "does not exist" if not storage.exists(uri) else \
+            f"holds no {CHECKPOINT_FILE} and no checkpoint_*/ folders with {CHECKPOINT_FILE} and {SIDECAR_FILE}"
+        raise InputError(f"{uri} is not a PF-SR run or checkpoint: it {what}")
+    chosen = max(folders, key=lambda f: found[f]["step"])
+    if which == "best":
+        scored = [f for f in folders if math.isfinite(found[f]["metrics"].get(BEST_METRIC, math.nan))]
+        if scored:
+            chosen = max(scored, key=lambda f: (found[f]["metrics"][BEST_METRIC], found[f]["step"]))
+    return storage.join(uri, chosen, CHECKPOINT_FILE)
+
+
+def read_checkpoint(uri: str, kind: Optional[str] = None) -> dict:
+    """Load a checkpoint file from a local path or s3:// URI (see `load`)."""
+    from . import storage
+
+    return load(storage.read_bytes(uri), kind=kind, name=uri)
+
+
+def run_export_cli(args) -> int:
+    """`pfsr export --run URI --out FILE [--which best|latest]`: the serving checkpoint (EMA weights, config)."""
+    from . import storage
+
+    src = find_checkpoint(args.run, args.which)
+    ckpt = read_checkpoint(src)
+    serving = serving_checkpoint(ckpt) if ckpt["kind"] == "training" else ckpt
+    buf = io.BytesIO()
+    save(serving, buf)
+    storage.write_bytes(args.out, buf.getvalue())
+    psnr = serving["metrics"].get(BEST_METRIC)
+    print(f"pfsr export: {src} (step {serving['step']}"
+          + (f", {BEST_METRIC} {psnr:.2f} dB" if psnr is not None and math.isfinite(psnr) else "")
+          + f") -> {args.out}")
+    return 0
