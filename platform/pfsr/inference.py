@@ -149,14 +149,18 @@ def upscale_array(model: PFSRModel, rgb: np.ndarray, alpha: Optional[np.ndarray]
     lr = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255).to(device)
     sr, nfe = super_resolve_tiled(model, lr, tile=tile, overlap=overlap, method=method, steps=steps, rtol=rtol,
                                   atol=atol, seed=seed)
-    out = (sr[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    if alpha is not None:  # alpha is not diffused: bicubic upsampling, re-attached
-        a = torch.from_numpy(alpha).float().div(255)[None, None]
-        a_up = (upsample(a, model.scale).clamp(0, 1)[0, 0].numpy() * 255).round().astype(np.uint8)
-        image = Image.fromarray(np.dstack([out, a_up]), mode="RGBA")
-    else:
-        image = Image.fromarray(out, mode="RGB")
-    return UpscaleResult(image=image, nfe=nfe, seconds=time.perf_counter() - t0)
+    return UpscaleResult(image=to_image(sr[0], alpha, model.scale), nfe=nfe, seconds=time.perf_counter() - t0)
+
+
+def to_image(sr: Tensor, alpha: Optional[np.ndarray], scale: int) -> Image.Image:
+    """SR [C x H x W] in [0, 1] (and the input's h x w uint8 alpha, or None) -> RGB or RGBA PIL image."""
+    out = (sr.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    if alpha is None:
+        return Image.fromarray(out, mode="RGB")
+    # alpha is not diffused: bicubic upsampling, re-attached
+    a = torch.from_numpy(alpha).float().div(255)[None, None]
+    a_up = (upsample(a, scale).clamp(0, 1)[0, 0].numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(np.dstack([out, a_up]), mode="RGBA")
 
 
 def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[str] = None, *,
