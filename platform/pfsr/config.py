@@ -120,8 +120,9 @@ class ServeConfig:
     max_pixels: int = 512 * 512  # input pixels
     tile: int = 128  # input tile size for large images (LR pixels)
     tile_overlap: int = 16
-    max_nfe: int = 200
-    max_seconds: float = 120.0
+    size_bucket: int = 16  # LR sides padded up to a multiple of this, so that near sizes share a batch
+    max_nfe: int = 200  # network evaluations per request (all its tiles); more -> 400
+    max_seconds: float = 120.0  # solver time per request; more -> 503
     default_sampler: str = "dpmpp_2m"
     default_steps: int = 10
     token_env: str = "PFSR_TOKEN"  # bearer token read from this environment variable when set
