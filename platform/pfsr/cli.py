@@ -30,13 +30,16 @@ def _prep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="shard output: local path or s3://bucket/prefix")
     p.add_argument("--layout", default="auto", choices=["auto", "div2k", "imagenet", "celeba", "folder"])
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument("--patch", type=int, default=480, help="sub-image size (BasicSR extract_subimages)")
+    p.add_argument("--patch", type=int, default=480,
+                   help="sub-image size (BasicSR extract_subimages); 0 keeps images whole")
     p.add_argument("--step", type=int, default=240, help="sub-image stride")
     p.add_argument("--min-size", type=int, default=64, help="smaller images are rejected")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="larger images are rejected before decoding")
     p.add_argument("--shard-size-mb", type=float, default=256)
     p.add_argument("--min-shards", type=int, default=8)
     p.add_argument("--format", default="png", choices=["png", "webp"], help="lossless encoding of the HR samples")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="at most this many parallel tasks (default: all CPUs); the output is the same for any value")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
 
 
