@@ -86,6 +86,8 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 1
     augment: bool = True  # flips and 90-degree rotations
+    # LR made on the device (pfsr.degradation.DEGRADATIONS): the seed's pure bicubic, or blur + noise + JPEG.
+    degradation: Literal["bicubic", "blur_noise_jpeg"] = "bicubic"
     val_images: int = 4
 
 

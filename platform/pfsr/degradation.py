@@ -4,7 +4,12 @@ Why our own kernel: kornia's antialiased bicubic (and torch's `interpolate(mode=
 does not reproduce the MATLAB `imresize` kernel that made the DIV2K LR files; kornia's differs from Pillow's
 BICUBIC by about 1/255 on real photos. MATLAB's kernel is the cubic with a = -0.5, widened by the scale factor
 when shrinking (antialiasing), with symmetric padding at the borders. Being separable, a resize is two matrix
-products with precomputed [out x in] weight matrices, which batches well on any device.
+products with precomputed [out x in] weight matrices, which batches well on any device (and is faster than
+kornia's resize on CPU: bench/degradation.py).
+
+kornia is the tool for the optional extra degradations (`blur_noise_jpeg`: Gaussian blur, noise, JPEG), which
+run on the batch's device too. The default, as the seed, is pure bicubic. Flips and 90-degree rotations happen
+earlier, on the uint8 crops in the loader's workers (pfsr.data).
 """
 from __future__ import annotations
 
@@ -87,7 +92,35 @@ def bicubic_degradation(hr: Tensor, scale: int, generator: torch.Generator | Non
     return downsample(hr, scale).clamp(0, 1)
 
 
-DEGRADATIONS = {"bicubic": bicubic_degradation}
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device) -> Tensor:
+    """[n] draws from U[low, high] with `generator` (on its own device), moved to `device`."""
+    gen_device = generator.device if generator is not None else device
+    return (low + (high - low) * torch.rand(n, generator=generator, device=gen_device)).to(device)
+
+
+def blur_noise_jpeg_degradation(hr: Tensor, scale: int, generator: torch.Generator | None = None, *,
+                                blur_sigma: tuple[float, float] = (0.2, 3.0),
+                                noise_sigma: tuple[float, float] = (1 / 255, 25 / 255),
+                                jpeg_quality: tuple[float, float] = (30.0, 95.0)) -> Tensor:
+    """Classical degradation (Real-ESRGAN's first order): isotropic Gaussian blur of HR [B, C, H, W] (sigma in
+    HR pixels), MATLAB bicubic downsampling, Gaussian noise, JPEG; every parameter drawn per sample from
+    U[low, high]. -> LR [B, C, H/scale, W/scale] in [0, 1], on hr's device."""
+    import kornia
+
+    b = hr.shape[0]
+    sigma = _uniform(b, *blur_sigma, generator, hr.device)
+    radius = math.ceil(3 * blur_sigma[1])
+    x = kornia.filters.gaussian_blur2d(hr, (2 * radius + 1,) * 2, torch.stack([sigma, sigma], dim=1),
+                                       border_type="reflect")
+    x = downsample(x, scale)
+    std = _uniform(b, *noise_sigma, generator, hr.device).view(b, 1, 1, 1)
+    gen_device = generator.device if generator is not None else hr.device
+    x = x + std * torch.randn(x.shape, generator=generator, device=gen_device).to(hr.device)
+    quality = _uniform(b, *jpeg_quality, generator, hr.device)
+    return kornia.enhance.jpeg_codec_differentiable(x.clamp(0, 1), quality).clamp(0, 1)
+
+
+DEGRADATIONS = {"bicubic": bicubic_degradation, "blur_noise_jpeg": blur_noise_jpeg_degradation}
 
 
 def degrade(hr: Tensor, scale: int, method: str = "bicubic", generator: torch.Generator | None = None) -> Tensor:
