@@ -71,7 +71,7 @@ def _open(data: bytes, name: str, max_pixels: int, min_size: int) -> tuple[Image
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageRejected(name, f"decompression bomb: {e}") from None
+        raise ImageRejected(name, f"too many pixels: {_one_line(e)}") from None
     except UnidentifiedImageError:
         raise ImageRejected(name, f"not an image: no known format starts with {data[:8]!r}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
