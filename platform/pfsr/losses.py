@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchdiffeq import odeint_adjoint
+from torchdiffeq import odeint, odeint_adjoint
 
 from .config import LossConfig
 from .diffusion import hybrid_mix
@@ -84,37 +84,57 @@ class ConditionedPFODE(ProbabilityFlowODE):
         self.model = model  # registered so that its parameters are the function's
 
 
-def solve_pf_ode_adjoint(model: PFSRModel, cond: Condition, x_T: Tensor, cfg: LossConfig) -> Tensor:
+def uniform_grid(steps: int):
+    """torchdiffeq grid_constructor of exactly `steps` equal steps. Its `step_size` option builds
+    ceil((t1 - t0) / h + 1) points, which rounding turns into one extra ~1e-8 step (4 more network calls) for many
+    K, e.g. K = 59 in float32."""
+
+    def grid(func, y0: Tensor, t: Tensor) -> Tensor:
+        g = torch.linspace(t[0].item(), t[-1].item(), steps + 1, dtype=t.dtype, device=t.device)
+        g[0], g[-1] = t[0], t[-1]  # torchdiffeq asserts exact end points
+        return g
+
+    return grid
+
+
+def solve_pf_ode_adjoint(model: PFSRModel, cond: Condition, x_T: Tensor, cfg: LossConfig, *,
+                         adjoint: bool = True) -> Tensor:
     """x_T at t = 1 -> x at t_min, differentiable by the adjoint method (memory flat in the number of steps).
 
     The adjoint parameters are the trainable parameters the ODE function uses: the U-Net's, plus the LR feature
     tensor when the encoder is trained, through which the encoder's parameters receive their gradients.
+    adjoint=False backpropagates through the solver's steps instead (memory grows with K): the reference that
+    tests and bench/adjoint_memory.py compare against.
     """
     func = ConditionedPFODE(model, cond)
     sde = model.sde
     t_span = torch.tensor([sde.t_max, sde.t_min], device=x_T.device, dtype=x_T.dtype)
+    if cfg.quality_solver == "rk4":
+        # the adjoint pass reuses method and options: the same K steps backwards
+        kwargs = dict(method="rk4", options={"grid_constructor": uniform_grid(cfg.quality_steps)})
+    else:
+        kwargs = dict(method="dopri5", rtol=cfg.quality_rtol, atol=cfg.quality_atol)
+    if not adjoint:
+        return odeint(func, x_T, t_span, **kwargs)[-1]
     adjoint_params = tuple(p for p in model.unet.parameters() if p.requires_grad)
     if cond.features.requires_grad:
         adjoint_params += (cond.features,)
-    if cfg.quality_solver == "rk4":
-        options = {"step_size": (sde.t_max - sde.t_min) / cfg.quality_steps}
-        kwargs = dict(method="rk4", options=options, adjoint_method="rk4", adjoint_options=options)
-    else:
-        kwargs = dict(method="dopri5", rtol=cfg.quality_rtol, atol=cfg.quality_atol)
     return odeint_adjoint(func, x_T, t_span, adjoint_params=adjoint_params, **kwargs)[-1]
 
 
 def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Module, cfg: LossConfig,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, *, adjoint: bool = True) -> Tensor:
     """Feature distance between the PF-ODE solution from x_1 ~ N(0, I) and HR [N x C x H x W] in [0, 1].
 
-    Runs in float32 even under bf16 autocast.
+    The ODE runs in the parameters' precision, at least float32, even under bf16 autocast (float64 models stay
+    float64, as the gradient tests need).
     """
+    dtype = torch.promote_types(next(model.unet.parameters()).dtype, torch.float32)
     with torch.autocast(device_type=hr.device.type, enabled=False):
-        cond32 = Condition(features=cond.features.float(), upsampled=cond.upsampled.float())
-        x_T = torch.randn(hr.shape, device=hr.device, generator=generator, dtype=torch.float32)
-        r = solve_pf_ode_adjoint(model, cond32, x_T, cfg)
-        return distance(model.from_diffused(r, cond32), hr.float())
+        cond_ode = Condition(features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype))
+        x_T = torch.randn(hr.shape, device=hr.device, generator=generator, dtype=dtype)
+        r = solve_pf_ode_adjoint(model, cond_ode, x_T, cfg, adjoint=adjoint)
+        return distance(model.from_diffused(r, cond_ode), hr.to(dtype))
 
 
 class TrainingObjective(nn.Module):
