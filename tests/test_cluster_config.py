@@ -306,3 +306,54 @@ def test_dockerfile_builds_from_rays_image_of_this_version():
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, flags=re.M):
         for path in src.split():
             assert (ROOT / path).exists(), path
+
+
+# ---------------------------------------------------------------------------------------- README: Run on a cluster
+
+SCRIPTS = {"data_prep/shard.py": "prep", "jobs/train.py": "train", "jobs/evaluate.py": "evaluate"}
+
+
+def _readme_commands() -> list[list[str]]:
+    """The shell commands of the README's "Run on a cluster" section, one argv per logical line."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [argv for line in lines if (argv := shlex.split(line, comments=True))]
+
+
+def test_readme_stages_use_the_cli_flags():
+    """Every stage the README submits parses with pfsr's own parser; stage 2 and 3 start from the run before."""
+    from pfsr.cli import build_parser
+
+    submitted = []
+    for argv in _readme_commands():
+        if argv[:3] != ["ray", "job", "submit"]:
+            continue
+        ray_args, command = argv[3:argv.index("--")], argv[argv.index("--") + 1:]
+        assert ray_args[ray_args.index("--runtime-env") + 1] == "cluster/runtime_env.yaml"
+        assert ray_args[ray_args.index("--working-dir") + 1] == "."
+        subcommand, rest = (command[1], command[2:]) if command[0] == "pfsr" else (SCRIPTS[command[1]], command[2:])
+        submitted.append((subcommand, build_parser().parse_args([subcommand, *rest])))
+    assert [s for s, _ in submitted] == ["prep", "prep", "train", "train", "train", "export", "evaluate"]
+
+    trains = [args for s, args in submitted if s == "train"]
+    assert [(ROOT / a.config).is_file() for a in trains] == [True] * 3
+    assert trains[0].init is None
+    for before, after in zip(trains, trains[1:]):
+        assert after.init == f"{before.storage}/{before.name}"
+    export = next(args for s, args in submitted if s == "export")
+    assert export.run == f"{trains[-1].storage}/{trains[-1].name}"
+    evaluate = next(args for s, args in submitted if s == "evaluate")
+    assert evaluate.checkpoint == export.out
+
+
+def test_readme_fills_the_placeholders_the_manifests_use():
+    commands = [" ".join(argv) for argv in _readme_commands()]
+    assert any("s|PFSR_BUCKET|$BUCKET|g" in c and "cluster/serve.yaml" in c for c in commands)
+    for name in MANIFESTS:
+        (apply,) = [c for c in commands if f"cluster/kuberay/{name}" in c]
+        assert "s|PFSR_BUCKET|$BUCKET|g" in apply and "s|image: pfsr:|image: $REGISTRY/pfsr:|" in apply, name
+        assert apply.endswith("kubectl apply -f -"), name
+    for path in ("infra/cloudformation.yaml", "cluster/aws.yaml", "cluster/kuberay/Dockerfile", "infra/local-s3/run.py"):
+        assert any(path in c for c in commands), path
