@@ -79,6 +79,8 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lpips-weights", default=None, help="VGG16 backbone (torchvision's vgg16-397923af.pth)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                   help="earlier evaluate outputs: also write OUT/quality_vs_nfe.png (PSNR and LPIPS against NFE)")
     p.add_argument("--ray-address", default=None)
 
 
