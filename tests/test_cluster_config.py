@@ -292,6 +292,15 @@ def test_rayservice_serves_cluster_serve_yaml():
             assert autoscaling["max_replicas"] <= gpu_group["maxReplicas"], d.name
 
 
+def test_serve_yaml_names_what_its_import_path_builds():
+    """`serve deploy` resolves import_path and applies the config to deployments of those names only."""
+    from ray.serve._private.utils import import_attr
+
+    for app in yaml.safe_load((CLUSTER / "serve.yaml").read_text())["applications"]:
+        built = import_attr(app["import_path"])(app["args"])  # binds only: nothing loads the checkpoint yet
+        assert [d["name"] for d in app["deployments"]] == [built._bound_deployment.name]
+
+
 def test_s3_uris_name_the_bucket_placeholder():
     """Every bucket in the shipped manifests is PFSR_BUCKET, which the README's commands replace."""
     for path in [CLUSTER / "serve.yaml", *sorted(KUBERAY.glob("*.yaml"))]:
