@@ -63,7 +63,8 @@ class LossConfig:
     quality_steps: int = 10  # K steps of the fixed-step solver
     quality_rtol: float = 1e-3  # dopri5 only
     quality_atol: float = 1e-3
-    # "vgg19": VGG19 relu5_4 features, L1 (needs quality_vgg19_weights, torchvision's vgg19-dcbb9e9d.pth);
+    # "vgg19": VGG19 relu5_4 features, L1 (needs torchvision's vgg19-dcbb9e9d.pth: quality_vgg19_weights, or None
+    # to take it from torch hub's checkpoints folder, $TORCH_HOME/hub/checkpoints);
     # "laplacian": weight-free L1 over a Laplacian pyramid, works offline.
     quality_features: Literal["vgg19", "laplacian"] = "laplacian"
     quality_vgg19_weights: Optional[str] = None
