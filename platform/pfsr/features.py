@@ -45,7 +45,8 @@ def hub_checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def find_backbone_weights(filename: str, explicit_path: Optional[str | os.PathLike] = None) -> tuple[Optional[Path], str]:
+def find_backbone_weights(filename: str, explicit_path: Optional[str | os.PathLike] = None
+                          ) -> tuple[Optional[Path], str]:
     """Locate torchvision's `filename` (e.g. vgg16-397923af.pth): the explicit path when given, else torch hub's
     checkpoints folder. Returns (path, "where it came from") or (None, "why not"), for reports that say which."""
     if explicit_path is not None:
