@@ -297,14 +297,49 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> its comment in the source: the one on its line, else the comment lines right above it."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        if line.strip().startswith("#"):
+            above.append(line.strip().lstrip("# "))
+            continue
+        code, _, comment = line.partition("  # ")
+        stripped = code.strip()
+        name = stripped.split(":", 1)[0]
+        if name.isidentifier() and ":" in stripped:
+            comments[name] = comment.strip() or " ".join(above)
+        above = []
+    return comments
+
+
+def _annotation_name(tp: Any) -> str:
+    """int, list[int], Optional[str], 'residual' | 'hr' (for Literal)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        rest = [a for a in args if a is not type(None)]
+        return f"Optional[{' | '.join(_annotation_name(a) for a in rest)}]" if len(rest) < len(args) else \
+            " | ".join(_annotation_name(a) for a in rest)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_annotation_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
 def config_reference() -> str:
-    """Markdown table of every field with its type and default (for the README)."""
-    lines = ["| key | type | default |", "| --- | --- | --- |"]
+    """Markdown table of every field with its type, default and the comment beside it (for the README)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
         hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = str(hints[f.name]).replace("typing.", "")
-            lines.append(f"| `{section.name}.{f.name}` | `{tp}` | `{default!r}` |")
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | `{_annotation_name(hints[f.name])}` | `{default!r}` | "
+                         f"{meaning} |")
     return "\n".join(lines)
