@@ -7,7 +7,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints/cpu.txt)
 DATA ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# README sections generated from code: the configuration reference and the benchmark table (from bench/results).
+docs: install
+	$(BIN)/python scripts/gen_config_reference.py
+	$(BIN)/python bench/run_all.py --table-only
 
 clean:
 	rm -rf $(VENV) demo_out
