@@ -1,0 +1,460 @@
+"""`pfsr demo`: the whole pipeline on one machine, each stage a `pfsr` subprocess on one local Ray cluster.
+
+    data       the photos scikit-image ships (or --data: your images, split deterministically) -> data/{train,val}
+    prep       `pfsr prep` (Ray Data) -> WebDataset shards/{train,val}
+    train      `pfsr train --workers 2` (Ray Train, DDP): the RRDB encoder (L1 regression), then the diffusion
+               model from it (--init, encoder frozen) -> runs/demo-{encoder,diffusion}
+    export     `pfsr export` -> models/pfsr_demo.pt
+    evaluate   `pfsr evaluate` (Ray Data batch inference): PF-ODE and DPM-Solver++(2M), and the shipped model
+               models/pfsr_x4_small.pt when it exists -> eval/<model>-<setting>/
+    serve      `pfsr serve` (Ray Serve) on a free port; a held-back photo upscaled over HTTP -> serve_*.png
+    report     report.html (pfsr.report) from the raw files beside it: timings.json, loss_curves.json, ...
+
+The cluster is started here (`ray.init(address="local")` with its own temp dir) and its GCS address handed to
+every stage as --ray-address; it is shut down at the end, on failure and on Ctrl-C or SIGTERM (never `ray stop`,
+which would kill every Ray on the machine). A failing stage stops the demo with its name, exit code and log, and
+the demo exits non-zero; report.html still shows what finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator, Optional
+
+from .. import storage
+from ..errors import InputError
+from ..inference import DEFAULT_CHECKPOINT, IMAGE_SUFFIXES
+
+REPO = Path(__file__).resolve().parents[3]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+# skimage.data's RGB photos (sources and licences in the README); VAL_PHOTOS are held back for validation.
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "stereo_motorcycle")
+VAL_PHOTOS = ("chelsea", "coffee")
+OWN_DATA_VAL_FRACTION, OWN_DATA_MAX_VAL = 0.1, 32
+# What the demo writes under --out; a new run removes these first (and nothing else there).
+OUTPUTS = ("data", "shards", "configs", "runs", "models", "eval", "logs", "report.html", "timings.json",
+           "loss_curves.json", "serve.json", "serve_lr.png", "serve_sr.png", "serve_hr.png", "serve_comparison.png",
+           "quality_vs_nfe.png", "loss_curves.png", "timings.png")
+HEALTH_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much the demo does. Validation uses crops because the U-Net's self-attention costs grow with the
+    square of the pixels: whole photos would take minutes per sample on a CPU."""
+
+    encoder_steps: int
+    diffusion_steps: int
+    val_every: int  # diffusion-stage validation (a multiple of tiny.yaml's log_every, 10)
+    val_patch: int  # HR side of the validation crops
+    eval_limit: int  # images per evaluation
+    few_steps: tuple[int, ...]  # DPM-Solver++(2M) step counts evaluated besides PF-ODE
+    serve_lr: int  # LR side of the image upscaled over HTTP
+    workers: int = 2
+
+
+FULL = Plan(encoder_steps=200, diffusion_steps=300, val_every=100, val_patch=128, eval_limit=4, few_steps=(4, 10),
+            serve_lr=48)
+QUICK = Plan(encoder_steps=10, diffusion_steps=10, val_every=10, val_patch=64, eval_limit=1, few_steps=(10,),
+             serve_lr=16)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
+        super().__init__(f"stage {stage!r} failed: {message}")
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """Ctrl-C for a child (it cleans up as on a keyboard interrupt), then SIGKILL when it does not exit."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _pump(stream: IO[str], log: IO[str], t0: float) -> None:
+    """Copy a child's output to its log and to stdout, each line prefixed with the stage's elapsed time."""
+    for line in stream:
+        log.write(line)
+        log.flush()
+        if line.strip():
+            print(f"  {_clock(time.perf_counter() - t0)} │ {line.rstrip()}", flush=True)
+
+
+@dataclass
+class Pipeline:
+    """Runs stages in order with a banner and elapsed times, one log per stage under out/logs, and a record of
+    each for timings.json."""
+
+    out: Path
+    total: int
+    env: dict[str, str]  # on top of os.environ at launch (ray.init sets RAY_AUTH_MODE there for its cluster)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, argv: Optional[list[str]] = None) -> Iterator[Path]:
+        """Banner, timing and status around a block; yields the stage's log path."""
+        shown = shlex.join(["pfsr", *argv]) if argv else None
+        print(f"\n━━ [{len(self.stages) + 1}/{self.total}] {name} ━━ (demo at {_clock(time.perf_counter() - self.t0)})"
+              + (f"\n   $ {shown}" if shown else ""), flush=True)
+        record: dict[str, Any] = {"name": name, "command": shown, "status": "running", "seconds": 0.0}
+        self.stages.append(record)
+        log = self.out / "logs" / f"{len(self.stages):02d}-{name.replace(' ', '-')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            yield log
+        except BaseException:
+            record["status"] = "failed"
+            raise
+        finally:
+            record["seconds"] = round(time.perf_counter() - start, 1)
+        record["status"] = "ok"
+        print(f"✓ {name} done in {_clock(record['seconds'])}", flush=True)
+
+    def popen(self, argv: list[str], log_path: Path) -> tuple[subprocess.Popen, threading.Thread]:
+        """`pfsr ARGV` started with its output streamed (by a thread) to the console and log_path."""
+        proc = subprocess.Popen([sys.executable, "-m", "pfsr", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env}, cwd=REPO)
+        log = open(log_path, "w")
+        t0 = time.perf_counter()
+
+        def pump() -> None:
+            with log:
+                _pump(proc.stdout, log, t0)
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        return proc, thread
+
+    def run(self, name: str, argv: list[str]) -> None:
+        """`pfsr ARGV` to completion as one stage; StageFailed when it exits non-zero."""
+        with self.stage(name, argv) as log:
+            proc, pump = self.popen(argv, log)
+            try:
+                code = proc.wait()
+                pump.join()
+            except BaseException:
+                _stop(proc)
+                raise
+            if code != 0:
+                raise StageFailed(name, f"`pfsr {argv[0]}` exited with code {code}; its log: {log}")
+
+    def timings(self, status: str, **extra: Any) -> dict[str, Any]:
+        return {"status": status, "total_seconds": round(time.perf_counter() - self.t0, 1), "stages": self.stages,
+                **extra}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+def write_photos(dest: Path) -> dict[str, int]:
+    """The skimage.data RGB photos as PNG into dest/{train,val} (VAL_PHOTOS held back); counts per split."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise InputError("the bundled photos come from scikit-image: `pip install scikit-image` (or `make install`), "
+                         "or pass --data with your own images") from None
+    from PIL import Image
+
+    counts = {"train": 0, "val": 0}
+    for name in PHOTOS:
+        image = getattr(data, name)()
+        image = image[0] if name == "stereo_motorcycle" else image  # (left, right, disparity): the left view
+        split = "val" if name in VAL_PHOTOS else "train"
+        (dest / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(dest / split / f"{name}.png")
+        counts[split] += 1
+    return counts
+
+
+def split_own_images(uri: str, dest: Path) -> dict[str, int]:
+    """Copy the images under a local folder or s3:// prefix into dest/{train,val}: ordered by a hash of their
+    relative path (stable when images are added), the first OWN_DATA_VAL_FRACTION (at least one, at most
+    OWN_DATA_MAX_VAL) go to val. The files are copied as they are; `pfsr prep` decodes and rejects bad ones."""
+    if not storage.exists(uri):
+        raise InputError(f"--data {uri} does not exist")
+    images = [e.path for e in storage.list_files(uri) if Path(e.path).suffix.lower() in IMAGE_SUFFIXES]
+    if len(images) < 2:
+        raise InputError(f"--data {uri}: found {len(images)} image(s) ({', '.join(sorted(IMAGE_SUFFIXES))}); the "
+                         "demo needs at least 2, for training and validation")
+    ranked = sorted(images, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    n_val = min(OWN_DATA_MAX_VAL, max(1, round(OWN_DATA_VAL_FRACTION * len(ranked))))
+    for i, rel in enumerate(ranked):
+        target = dest / ("val" if i < n_val else "train") / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(storage.join(uri, rel)))
+    return {"train": len(ranked) - n_val, "val": n_val}
+
+
+def stage_configs(out: Path, plan: Plan) -> tuple[Path, Path]:
+    """The two training stages as configs/tiny.yaml plus overrides (written to out/configs for the record)."""
+    folder = out / "configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = {"base": str(TINY_CONFIG),
+               "train": {"stage": "encoder", "steps": plan.encoder_steps, "checkpoint_every": plan.encoder_steps}}
+    # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
+    diffusion = {"base": str(TINY_CONFIG), "model": {"freeze_encoder": True},
+                 "train": {"stage": "diffusion", "steps": plan.diffusion_steps, "val_every": plan.val_every,
+                           "checkpoint_every": plan.val_every}}
+    paths = folder / "encoder.yaml", folder / "diffusion.yaml"
+    for path, cfg in zip(paths, (encoder, diffusion)):
+        path.write_text("# written by `pfsr demo`\n" + json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serve
+
+def _http(url: str, data: Optional[bytes] = None, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "image/png"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StageFailed("serve", f"`pfsr serve` exited with code {proc.returncode} before {url} answered")
+        with contextlib.suppress(OSError):
+            if _http(url, timeout=2)[0] == 200:
+                return
+        time.sleep(1)
+    raise StageFailed("serve", f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+def serve_request_image(val_dir: Path, lr_side: int, scale: int) -> tuple[bytes, "Any", "Any"]:
+    """A held-back photo's central HR crop of lr_side * scale pixels and its LR (the training degradation, 8 bit)
+    -> (LR PNG bytes, LR uint8 HxWx3, HR uint8 HxWx3)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..degradation import degrade, to_uint8
+
+    first = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[0]
+    hr = np.asarray(Image.open(first).convert("RGB"))
+    side = min(lr_side * scale, hr.shape[0] // scale * scale, hr.shape[1] // scale * scale)
+    top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
+    hr = np.ascontiguousarray(hr[top:top + side, left:left + side])
+    lr = to_uint8(degrade(torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255, scale))[0]
+    lr = lr.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(lr).save(buf, format="PNG")
+    return buf.getvalue(), lr, hr
+
+
+def serve_and_upscale(pipe: Pipeline, checkpoint: Path, ray_address: str, val_dir: Path, plan: Plan,
+                      scale: int) -> None:
+    """Start `pfsr serve` on a free port, wait for /healthz, POST one LR image to /upscale, stop the server."""
+    from PIL import Image
+
+    port = _free_port()
+    argv = ["serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
+            "--ray-address", ray_address]
+    with pipe.stage("serve", argv) as log:
+        proc, pump = pipe.popen(argv, log)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_healthy(f"{base}/healthz", proc, HEALTH_TIMEOUT_S)
+            body, lr, hr = serve_request_image(val_dir, plan.serve_lr, scale)
+            url = f"{base}/upscale?sampler=dpmpp_2m&steps=10&seed=0"
+            print(f"  POST {url} ({lr.shape[1]}x{lr.shape[0]} PNG)", flush=True)
+            t0 = time.perf_counter()
+            status, headers, answer = _http(url, body, timeout=600)
+            seconds = time.perf_counter() - t0
+            if status != 200:
+                raise StageFailed("serve", f"POST /upscale answered {status}: {answer[:300]!r}")
+            sr = Image.open(io.BytesIO(answer))
+            if sr.size != (lr.shape[1] * scale, lr.shape[0] * scale):
+                raise StageFailed("serve", f"/upscale returned {sr.size[0]}x{sr.size[1]} for a "
+                                           f"{lr.shape[1]}x{lr.shape[0]} input at x{scale}")
+            out = pipe.out
+            (out / "serve_sr.png").write_bytes(answer)
+            Image.fromarray(lr).save(out / "serve_lr.png")
+            Image.fromarray(hr).save(out / "serve_hr.png")
+            lower = {k.lower(): v for k, v in headers.items()}
+            info = {"url": url, "status": status, "seconds": round(seconds, 2),
+                    "input_size": f"{lr.shape[1]}x{lr.shape[0]}", "output_size": f"{sr.size[0]}x{sr.size[1]}",
+                    "nfe": lower.get("x-pfsr-nfe"), "batch": lower.get("x-pfsr-batch"),
+                    "lr": "serve_lr.png", "sr": "serve_sr.png", "hr": "serve_hr.png"}
+            (out / "serve.json").write_text(json.dumps(info, indent=2) + "\n")
+            print(f"  {status} in {seconds:.1f} s: {info['output_size']} PNG -> {out / 'serve_sr.png'}", flush=True)
+        finally:
+            _stop(proc)
+            pump.join(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cluster
+
+@contextlib.contextmanager
+def local_cluster() -> Iterator[str]:
+    """A Ray cluster of this process (own temp dir, no dashboard); yields its GCS address; shut down on exit."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="pfsr-demo-ray-")
+    # Logical CPUs, not cores: the stages run one after another, and Ray Train's 2 workers plus Ray Data's tasks
+    # must fit on a 2-core machine (each worker sets its own torch threads).
+    context = ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                       _temp_dir=temp_dir, log_to_driver=False, logging_level="WARNING")
+    address = context.address_info["gcs_address"]
+    print(f"local Ray cluster at {address} (temp dir {temp_dir})", flush=True)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        print("Ray cluster shut down", flush=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo
+
+def evaluations(plan: Plan, shipped: bool) -> list[tuple[str, str, list[str]]]:
+    """(name, checkpoint key, sampler flags) of every evaluation: the demo model with PF-ODE and each few-step
+    setting, the shipped model with the few-step solver at 10 steps."""
+    runs = [("demo-pf_ode", "demo", ["--sampler", "pf_ode"])]
+    runs += [(f"demo-dpmpp_2m-{n}", "demo", ["--sampler", "dpmpp_2m", "--steps", str(n)]) for n in plan.few_steps]
+    if shipped:
+        runs += [("shipped-dpmpp_2m-10", "shipped", ["--sampler", "dpmpp_2m", "--steps", "10"])]
+    return runs
+
+
+def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
+    import torch
+
+    from ..config import load_config
+    from ..report import machine_info
+
+    gpu = torch.cuda.is_available()
+    shipped = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
+    for name in OUTPUTS:  # only what an earlier demo wrote here
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = evaluations(plan, shipped is not None)
+    # Ray Data's progress bars redraw in place, which in a pipe makes a line per redraw; the stages log progress.
+    env = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    pipe = Pipeline(out=out, total=7 + len(evals), env=env)
+    info = {"data": data or "scikit-image photos (" + ", ".join(PHOTOS) + f"; val: {', '.join(VAL_PHOTOS)})",
+            "quick": plan is QUICK, "plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": machine_info(), "gpu": gpu}
+    print(f"PF-SR demo -> {out} ({'quick' if plan is QUICK else 'full'} run, {'GPU' if gpu else 'CPU'}; "
+          f"shipped model: {shipped or 'not found'})", flush=True)
+    status, failed = "failed", None
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
+    try:
+        with pipe.stage("data"):
+            counts = split_own_images(data, out / "data") if data else write_photos(out / "data")
+            print(f"  {counts['train']} training and {counts['val']} validation images in {out / 'data'}", flush=True)
+        encoder_cfg, diffusion_cfg = stage_configs(out, plan)
+        scale = load_config(diffusion_cfg).model.scale
+        with local_cluster() as address:
+            ray_flag = ["--ray-address", address]
+            shards = out / "shards"
+            pipe.run("prep train", ["prep", "--source", str(out / "data" / "train"), "--out", str(shards / "train"),
+                                    "--layout", "folder", "--split", "train", "--min-shards", str(2 * plan.workers),
+                                    *ray_flag])
+            pipe.run("prep val", ["prep", "--source", str(out / "data" / "val"), "--out", str(shards / "val"),
+                                  "--layout", "folder", "--split", "val", "--patch", str(plan.val_patch),
+                                  "--step", str(plan.val_patch), "--min-shards", "1", *ray_flag])
+            runs = out / "runs"
+            train_flags = ["--data", str(shards / "train"), "--workers", str(plan.workers), "--storage", str(runs),
+                           *(["--gpu"] if gpu else []), *ray_flag]
+            pipe.run("train encoder", ["train", "--config", str(encoder_cfg), "--name", "demo-encoder",
+                                       *train_flags])
+            pipe.run("train diffusion", ["train", "--config", str(diffusion_cfg), "--name", "demo-diffusion",
+                                         "--val-data", str(shards / "val"), "--init", str(runs / "demo-encoder"),
+                                         *train_flags])
+            model = out / "models" / "pfsr_demo.pt"
+            # The model after its whole step budget: a validation on a few crops is too noisy to pick a best one.
+            pipe.run("export", ["export", "--run", str(runs / "demo-diffusion"), "--out", str(model),
+                                "--which", "latest"])
+            checkpoints = {"demo": model, "shipped": shipped}
+            for name, key, sampler in evals:
+                pipe.run(f"evaluate {name}", ["evaluate", "--checkpoint", str(checkpoints[key]), "--data",
+                                              str(shards / "val"), "--out", str(out / "eval" / name),
+                                              "--limit", str(plan.eval_limit), *sampler,
+                                              *(["--gpus-per-replica", "1"] if gpu else []), *ray_flag])
+            serve_and_upscale(pipe, model, address, out / "data" / "val", plan, scale)
+        status = "ok"
+    except StageFailed as e:
+        failed = e.stage
+        print(f"\n✗ {e}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        status, failed = "interrupted", next((s["name"] for s in pipe.stages if s["status"] != "ok"), None)
+        print("\n✗ interrupted; stages stopped and the Ray cluster shut down", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if status != "ok" and failed is None:
+            failed = next((s["name"] for s in pipe.stages if s["status"] != "ok"), None)
+        report = write_report(out, pipe.timings(status, failed_stage=failed, **info))
+    print(f"\n{'done' if status == 'ok' else status} in {_clock(time.perf_counter() - pipe.t0)}"
+          + (f": open {report}" if report else ""), flush=True)
+    return 0 if status == "ok" and report else (130 if status == "interrupted" else 1)
+
+
+def write_report(out: Path, timings: dict[str, Any]) -> Optional[Path]:
+    """loss_curves.json from the runs' TensorBoard files, timings.json, then report.html; None when that fails."""
+    from ..report import build_report, read_scalars
+
+    t0 = time.perf_counter()
+    print("\n━━ report ━━", flush=True)
+    try:
+        curves = {stage: read_scalars(out / "runs" / f"demo-{stage}") for stage in ("encoder", "diffusion")
+                  if (out / "runs" / f"demo-{stage}").is_dir()}
+        (out / "loss_curves.json").write_text(json.dumps(curves) + "\n")
+        (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        path = build_report(out)
+    except Exception as e:  # the report must not hide the stage that failed; say what broke it
+        print(f"✗ report.html could not be built: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
+    print(f"✓ {path} written in {_clock(time.perf_counter() - t0)}", flush=True)
+    return path
+
+
+def run_cli(args) -> int:
+    return run_demo(Path(args.out).resolve(), QUICK if args.quick else FULL, args.data)
