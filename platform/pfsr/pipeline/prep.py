@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import tarfile
 import time
@@ -355,8 +356,12 @@ def find_leaks(manifest: pa.Table) -> list[dict]:
 def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
-    # Ship the package to the workers: a cluster started elsewhere need not have pfsr installed.
-    ray.init(address=address, runtime_env={"py_modules": [pfsr]})
+    # Ship the package to the workers (a cluster started elsewhere need not have pfsr installed), unless the
+    # submitted job's runtime env does already: Ray refuses to merge two py_modules.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    shipped = "py_modules" in (job.get("runtime_env") or {})
+    package = os.path.dirname(os.path.abspath(pfsr.__file__))
+    ray.init(address=address, runtime_env=None if shipped else {"py_modules": [package]})
 
 
 def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", patch: int = 480, step: int = 240,
