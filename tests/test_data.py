@@ -17,8 +17,8 @@ from PIL import Image
 
 from pfsr import storage
 from pfsr.config import load_config
-from pfsr.data import (ShardStream, iter_shard_samples, list_shards, load_val_images, loader_from_config,
-                       make_train_loader)
+from pfsr.data import (ShardStream, combine_positions, iter_shard_samples, list_shards, load_val_images,
+                       loader_from_config, make_train_loader)
 from pfsr.errors import InputError
 from pfsr.pipeline.prep import prep
 
@@ -86,6 +86,18 @@ def test_position_restores_exactly(shards):
     # another worker count cannot resume per worker: it restarts the saved epoch
     other = make_train_loader(str(shards), **{**kwargs, "num_workers": 1}, position=position)
     assert other.position()["workers"] == [[position["epoch"], 0]]
+
+
+def test_every_rank_resumes_from_the_combined_position(shards):
+    kwargs = dict(crop=64, scale=4, batch_size=4, num_workers=0, world_size=2, seed=2)
+    loaders = [make_train_loader(str(shards), rank=r, **kwargs) for r in range(2)]
+    for loader in loaders:
+        _take(loader, 7)
+    combined = json.loads(json.dumps(combine_positions([loader.position() for loader in loaders])))
+    assert combined["samples_seen"] == 2 * 7 * 4
+    for rank, loader in enumerate(loaders):
+        resumed = make_train_loader(str(shards), rank=rank, **kwargs, position=combined)
+        assert all(torch.equal(a, b) for a, b in zip(_take(loader, 3), _take(resumed, 3)))
 
 
 def test_fewer_shards_than_slots_does_not_hang(shards, tmp_path):

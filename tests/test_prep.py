@@ -184,13 +184,15 @@ def test_layouts_are_detected_and_split(tmp_path, photos):
         return layout, found, [(f.path, f.label) for f in select_files(str(root), entries, layout, split)]
 
     layout, found, files = split(div2k, "val")
-    assert layout == "div2k" and "DIV2K_train_HR/ with 2 images" in found and files == [("DIV2K_valid_HR/0801.png", None)]
+    assert layout == "div2k" and "DIV2K_train_HR/ with 2 images" in found
+    assert files == [("DIV2K_valid_HR/0801.png", None)]
     layout, found, files = split(imagenet, "train")
     assert layout == "imagenet" and "2 classes" in found
     assert files == [("train/n01440764/a.JPEG", "n01440764"), ("train/n01443537/b.JPEG", "n01443537")]
     assert split(imagenet, "val")[2] == [("val/ILSVRC2012_val_00000001.JPEG", "n01751748")]
     layout, _, files = split(celeba, "train")
-    assert layout == "celeba" and [f for f, _ in files] == ["img_align_celeba/000001.jpg", "img_align_celeba/000002.jpg"]
+    assert layout == "celeba"
+    assert [f for f, _ in files] == ["img_align_celeba/000001.jpg", "img_align_celeba/000002.jpg"]
     assert [f for f, _ in split(celeba, "test")[2]] == ["img_align_celeba/000004.jpg"]
     assert split(folder, "val") == ("folder", "3 images in 3 folders", [("a/b/y.jpg", None), ("a/x.png", None),
                                                                         ("z.png", None)])
@@ -199,7 +201,8 @@ def test_layouts_are_detected_and_split(tmp_path, photos):
 
 
 def test_splits_share_an_output_and_leaks_are_reported(tmp_path, photos, ray_cluster):
-    src = _tree(tmp_path / "div2k", ["DIV2K_train_HR/0001.png", "DIV2K_valid_HR/0801.png"], _small(photos["coffee"], 128))
+    coffee = _small(photos["coffee"], 128)
+    src = _tree(tmp_path / "div2k", ["DIV2K_train_HR/0001.png", "DIV2K_valid_HR/0801.png"], coffee)
     _small(photos["rocket"], 128).save(src / "DIV2K_train_HR/0002.png")
     out = tmp_path / "out"
     prep(str(src), str(out), split="train", **{**OPTS, "patch": 0, "min_shards": 2})

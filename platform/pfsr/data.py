@@ -227,6 +227,12 @@ class TrainLoader:
     state_dict = position
 
     def load_state_dict(self, position: dict) -> None:
+        """Resume from this rank's `position()`, or from `combine_positions` of every rank's."""
+        if "ranks" in position:
+            ranks = position["ranks"]
+            mine = self.kwargs["rank"]
+            same_world = len(ranks) == self.kwargs["world_size"]
+            position = ranks[mine] if same_world else {**ranks[0], "rank": None, "epoch": position["epoch"]}
         saved = {k: position.get(k) for k in self._identity()}
         if saved == self._identity():
             self._batches = int(position["batches"])
@@ -250,6 +256,13 @@ class TrainLoader:
             self._workers[worker] = [int(epoch), int(index)]
             self._batches += 1
             yield hr.float().div_(255)
+
+
+def combine_positions(positions: list[dict]) -> dict:
+    """Every rank's `position()` (in rank order, e.g. from torch.distributed.all_gather_object) -> one JSON-able
+    record that `make_train_loader(position=)` of each rank resumes from exactly."""
+    return {"epoch": min(p["epoch"] for p in positions), "samples_seen": sum(p["samples_seen"] for p in positions),
+            "ranks": positions}
 
 
 def make_train_loader(uri: str, *, crop: int, scale: int, batch_size: int, rank: int = 0, world_size: int = 1,
