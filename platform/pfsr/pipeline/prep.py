@@ -364,6 +364,105 @@ def _init_ray(address: str | None) -> None:
     ray.init(address=address, runtime_env=None if shipped else {"py_modules": [package]})
 
 
+def _list_source(source: str, layout: str, split: str) -> tuple[str, list[SourceFile]]:
+    """-> (layout, the split's image files); fails at once on a missing or image-less source."""
+    if not storage.exists(source):
+        raise InputError(f"source {source} does not exist")
+    entries = [e for e in storage.list_files(source) if not e.path.startswith(".")]
+    if not any(images.is_image_name(e.path) for e in entries):
+        raise InputError(f"source {source} holds no images (looked for {', '.join(images.IMAGE_EXTENSIONS)})")
+    if layout == "auto":
+        layout, found = detect_layout(entries)
+        log(f"layout auto: {layout} ({found})")
+    files = select_files(source, entries, layout, split)
+    ignored = sum(not images.is_image_name(e.path) for e in entries)
+    log(f"{len(files)} image files for split {split!r} in {source}" + (
+        f"; {ignored} other files ignored (not images by name)" if ignored else ""))
+    return layout, files
+
+
+def _scan(files: list[SourceFile], source: str, opts: Options, concurrency: int | None) -> list[dict]:
+    """Pass 1 on Ray Data: the header of every file; rows sorted by path."""
+    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items([{"path": f.path, "size": f.size, "label": f.label or ""} for f in files],
+                             override_num_blocks=max(1, min(len(files), 4 * n_cpus)))
+    rows = ds.map_batches(_scan_batch, batch_size=64, batch_format="numpy", num_cpus=1, concurrency=concurrency,
+                          fn_kwargs=dict(source=source, max_pixels=opts.max_pixels, min_size=opts.min_size)).take_all()
+    return sorted(rows, key=lambda r: r["path"])
+
+
+def _write_shards(pending: list[dict], source: str, out: str, opts: Options, concurrency: int | None) -> None:
+    """Pass 2 on Ray Data: one task per shard plan, with a progress line as each shard completes."""
+    t0 = time.perf_counter()
+    ds = ray.data.from_items([{"index": p["index"], "plan": json.dumps(p)} for p in pending],
+                             override_num_blocks=len(pending))
+    counts = Counter()
+    for row in ds.map(_write_shard, fn_kwargs=dict(source=source, out=out, opts=asdict(opts)), num_cpus=1,
+                      concurrency=concurrency).iter_rows():
+        counts.update({k: row[k] for k in ("samples", "images", "rejected", "bytes")})
+        counts["shards"] += 1
+        dt = time.perf_counter() - t0
+        log(f"{row['shard']} done ({row['samples']} samples, {row['bytes'] / 2**20:.1f} MiB); "
+            f"{counts['shards']}/{len(pending)} shards, {counts['samples']} samples, "
+            f"{counts['samples'] / dt:.1f} samples/s, {counts['images'] / dt:.1f} images/s")
+
+
+def _finish(out: str, source: str, opts: Options, fingerprint: str, plans: list[dict], rejected: list[dict],
+            dataset: dict) -> dict:
+    """Assemble the tables from the shard records (a killed run's too) and write them, the manifest last.
+    -> the split's entry of dataset.json."""
+    split = opts.split
+    manifest_rows, shard_bytes = [], {}
+    for p in plans:
+        record = json.loads(storage.read_bytes(_record_uri(out, split, p["name"])))
+        manifest_rows += record["manifest"]
+        rejected = rejected + record["rejected"]
+        shard_bytes[p["name"]] = record["bytes"]
+    by_source = {r["source"]: r["reason"] for r in rejected}  # an image cut across two shards is rejected twice
+    rejected_rows = [{"split": split, "source": s, "reason": by_source[s]} for s in sorted(by_source)]
+
+    manifest = _merge(_read_table(storage.join(out, "manifest.parquet"), MANIFEST_SCHEMA), split, manifest_rows,
+                      MANIFEST_SCHEMA)
+    rejected_table = _merge(_read_table(storage.join(out, "rejected.parquet"), REJECTED_SCHEMA), split,
+                            rejected_rows, REJECTED_SCHEMA)
+    leaks = find_leaks(manifest)
+    notes = Counter(n for r in manifest_rows if r["notes"] for n in r["notes"].split("; "))
+    entry = {
+        "fingerprint": fingerprint,
+        "source": source,
+        "options": asdict(opts),
+        "images": len({r["source"] for r in manifest_rows}),
+        "samples": len(manifest_rows),
+        "rejected": len(rejected_rows),
+        "rejected_reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in rejected_rows).items())),
+        "duplicates": len(manifest_rows) - len({r["sha256"] for r in manifest_rows}),
+        "notes": dict(sorted(notes.items())),
+        "shards": [{"name": name, "bytes": size} for name, size in shard_bytes.items()],
+    }
+    dataset = {"format": "pfsr-webdataset", "version": FORMAT_VERSION, "pfsr_version": pfsr.__version__,
+               "splits": dict(sorted({**dataset.get("splits", {}), split: entry}.items())),
+               "leaks": {"count": len(leaks), "examples": leaks[:20]}}
+    _write_table(storage.join(out, "rejected.parquet"), rejected_table)
+    storage.write_bytes(storage.join(out, "dataset.json"), json.dumps(dataset, indent=1, sort_keys=True).encode())
+    _write_table(storage.join(out, "manifest.parquet"), manifest)
+    storage.delete_dir(storage.join(out, PROGRESS, split))
+    if not storage.list_files(storage.join(out, PROGRESS)):
+        storage.delete_dir(storage.join(out, PROGRESS))
+
+    size = sum(shard_bytes.values())
+    log(f"split {split!r}: {entry['images']} images -> {entry['samples']} samples in {len(plans)} shards "
+        f"({size / 2**20:.1f} MiB, {size / len(plans) / 2**20:.1f} MiB each) at {out}; {entry['rejected']} rejected "
+        "(rejected.parquet)" + (f"; notes: {entry['notes']}" if entry["notes"] else ""))
+    for r in rejected_rows[:10]:
+        log(f"  rejected {r['source']}: {r['reason']}")
+    if entry["duplicates"]:
+        log(f"{entry['duplicates']} samples repeat the HR bytes of another sample of the same split")
+    if leaks:
+        log(f"WARNING: {len(leaks)} HR samples occur in more than one split (validation leaks into training); "
+            f"first: {leaks[0]['keys']} - see dataset.json 'leaks'")
+    return entry
+
+
 def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", patch: int = 480, step: int = 240,
          min_size: int = 64, max_pixels: int = images.DEFAULT_MAX_PIXELS, shard_size_mb: float = 256,
          min_shards: int = 8, fmt: str = "png", concurrency: int | None = None,
@@ -374,27 +473,14 @@ def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", p
         raise InputError(f"--patch {patch} --step {step}: need patch >= 0 (0 keeps images whole) and step > 0")
     if min_shards < 1 or shard_size_mb <= 0:
         raise InputError("--min-shards must be >= 1 and --shard-size-mb positive")
-    if not storage.exists(source):
-        raise InputError(f"source {source} does not exist")
-    entries = [e for e in storage.list_files(source) if not e.path.startswith(".")]
-    if not any(images.is_image_name(e.path) for e in entries):
-        raise InputError(f"source {source} holds no images (looked for {', '.join(images.IMAGE_EXTENSIONS)})")
-    found_layout, found = detect_layout(entries)
-    if layout == "auto":
-        layout = found_layout
-        log(f"layout auto: {layout} ({found})")
-    files = select_files(source, entries, layout, split)
-    ignored = sum(not images.is_image_name(e.path) for e in entries)
-    log(f"{len(files)} image files for split {split!r} in {source}" + (
-        f"; {ignored} other files ignored (not images by name)" if ignored else ""))
-
+    layout, files = _list_source(source, layout, split)
     opts = Options(layout=layout, split=split, patch=patch, step=step, min_size=min_size, max_pixels=max_pixels,
                    shard_size_mb=float(shard_size_mb), min_shards=min_shards, format=fmt)
     fingerprint = _fingerprint(opts, files)
-    plan_uri = storage.join(out, PROGRESS, split, "plan.json")
-    dataset_uri = storage.join(out, "dataset.json")
-    unfinished = _read_json(plan_uri)
-    dataset = _read_json(dataset_uri) or {}
+
+    progress = storage.join(out, PROGRESS, split)
+    unfinished = _read_json(storage.join(progress, "plan.json"))
+    dataset = _read_json(storage.join(out, "dataset.json")) or {}
     done_before = dataset.get("splits", {}).get(split)
     if unfinished is None and done_before is not None:
         if done_before.get("fingerprint") == fingerprint:
@@ -404,15 +490,10 @@ def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", p
                          "choose another --out (existing shards are never overwritten)")
     if unfinished is not None and unfinished["fingerprint"] != fingerprint:
         raise InputError(f"{out} holds an unfinished run of split {split!r} with other sources or options; rerun it "
-                         f"with the same ones, or delete {storage.join(out, PROGRESS, split)} and its shards")
+                         f"with the same ones, or delete {progress} and its shards")
 
     _init_ray(ray_address)
-    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    scan_ds = ray.data.from_items([{"path": f.path, "size": f.size, "label": f.label or ""} for f in files],
-                                  override_num_blocks=max(1, min(len(files), 4 * n_cpus)))
-    scanned = scan_ds.map_batches(_scan_batch, batch_size=64, batch_format="numpy", fn_kwargs=dict(
-        source=source, max_pixels=max_pixels, min_size=min_size), num_cpus=1, concurrency=concurrency).take_all()
-    scanned.sort(key=lambda r: r["path"])
+    scanned = _scan(files, source, opts, concurrency)
     plans, rejected = make_plan(scanned, opts)
     n_samples = sum(len(it["crops"]) for p in plans for it in p["items"])
     log(f"scanned {len(files)} files in {time.perf_counter() - t0:.1f} s: {len(files) - len(rejected)} images -> "
@@ -423,82 +504,18 @@ def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", p
 
     plan_hash = hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
     if unfinished is not None and unfinished.get("plan") != plan_hash:
-        raise InputError(f"{out}: the unfinished run planned other shards; delete {storage.join(out, PROGRESS, split)}")
-    storage.write_bytes(plan_uri, json.dumps({"fingerprint": fingerprint, "plan": plan_hash}).encode())
+        raise InputError(f"{out}: the unfinished run planned other shards; delete {progress} and its shards")
+    storage.write_bytes(storage.join(progress, "plan.json"),
+                        json.dumps({"fingerprint": fingerprint, "plan": plan_hash}).encode())
     storage.clean_temp_files(out)
-    done = {e.path[:-len(".json")] for e in storage.list_files(storage.join(out, PROGRESS, split))
-            if e.path.endswith(".tar.json")}
-    pending = [p for p in plans if p["name"] not in done]
+    done = {e.path[:-len(".json")] for e in storage.list_files(progress) if e.path.endswith(".tar.json")}
     if done:
         log(f"resuming: {len(done)} of {len(plans)} shards already complete")
-
+    pending = [p for p in plans if p["name"] not in done]
     if pending:
-        t1 = time.perf_counter()
-        write_ds = ray.data.from_items([{"index": p["index"], "plan": json.dumps(p)} for p in pending],
-                                       override_num_blocks=len(pending))
-        counts = Counter()
-        for row in write_ds.map(_write_shard, fn_kwargs=dict(source=source, out=out, opts=asdict(opts)),
-                                num_cpus=1, concurrency=concurrency).iter_rows():
-            counts.update({k: row[k] for k in ("samples", "images", "rejected", "bytes")})
-            counts["shards"] += 1
-            dt = time.perf_counter() - t1
-            log(f"{row['shard']} done ({row['samples']} samples, {row['bytes'] / 2**20:.1f} MiB); "
-                f"{counts['shards']}/{len(pending)} shards, {counts['samples']} samples, "
-                f"{counts['samples'] / dt:.1f} samples/s, {counts['images'] / dt:.1f} images/s")
-
-    # Assemble the tables from the records (also those of a previous, killed run) and write them; manifest last.
-    manifest_rows, decode_rejected = [], []
-    shard_bytes = {}
-    for p in plans:
-        record = json.loads(storage.read_bytes(_record_uri(out, split, p["name"])))
-        manifest_rows += record["manifest"]
-        decode_rejected += record["rejected"]
-        shard_bytes[p["name"]] = record["bytes"]
-    # An image cut across two shards is rejected by both: keep one row.
-    by_source = {r["source"]: r["reason"] for r in rejected + decode_rejected}
-    rejected_rows = [{"split": split, "source": s, "reason": by_source[s]} for s in sorted(by_source)]
-
-    manifest = _merge(_read_table(storage.join(out, "manifest.parquet"), MANIFEST_SCHEMA), split, manifest_rows,
-                      MANIFEST_SCHEMA)
-    rejected_table = _merge(_read_table(storage.join(out, "rejected.parquet"), REJECTED_SCHEMA), split,
-                            rejected_rows, REJECTED_SCHEMA)
-    leaks = find_leaks(manifest)
-    hashes = Counter(r["sha256"] for r in manifest_rows)
-    entry = {
-        "fingerprint": fingerprint,
-        "source": source,
-        "options": asdict(opts),
-        "images": len({r["source"] for r in manifest_rows}),
-        "samples": len(manifest_rows),
-        "rejected": len(rejected_rows),
-        "rejected_reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in rejected_rows).items())),
-        "duplicates": sum(c - 1 for c in hashes.values()),
-        "notes": dict(sorted(Counter(n for r in manifest_rows if r["notes"] for n in r["notes"].split("; ")).items())),
-        "shards": [{"name": name, "bytes": size} for name, size in shard_bytes.items()],
-    }
-    dataset = {"format": "pfsr-webdataset", "version": FORMAT_VERSION, "pfsr_version": pfsr.__version__,
-               "splits": {**dataset.get("splits", {}), split: entry},
-               "leaks": {"count": len(leaks), "examples": leaks[:20]}}
-    dataset["splits"] = dict(sorted(dataset["splits"].items()))
-    _write_table(storage.join(out, "rejected.parquet"), rejected_table)
-    storage.write_bytes(dataset_uri, json.dumps(dataset, indent=1, sort_keys=True).encode())
-    _write_table(storage.join(out, "manifest.parquet"), manifest)
-    storage.delete_dir(storage.join(out, PROGRESS, split))
-    if not storage.list_files(storage.join(out, PROGRESS)):
-        storage.delete_dir(storage.join(out, PROGRESS))
-
-    dt = time.perf_counter() - t0
-    size = sum(shard_bytes.values())
-    log(f"done in {dt:.1f} s: split {split!r}, {entry['images']} images -> {entry['samples']} samples in "
-        f"{len(plans)} shards ({size / 2**20:.1f} MiB, {size / len(plans) / 2**20:.1f} MiB each) at {out}; "
-        f"{entry['rejected']} rejected (rejected.parquet)" + (f"; notes: {entry['notes']}" if entry["notes"] else ""))
-    for r in rejected_rows[:10]:
-        log(f"  rejected {r['source']}: {r['reason']}")
-    if entry["duplicates"]:
-        log(f"{entry['duplicates']} samples repeat the HR bytes of another sample of the same split")
-    if leaks:
-        log(f"WARNING: {len(leaks)} HR samples occur in more than one split (validation leaks into training); "
-            f"first: {leaks[0]['keys']} - see dataset.json 'leaks'")
+        _write_shards(pending, source, out, opts, concurrency)
+    entry = _finish(out, source, opts, fingerprint, plans, rejected, dataset)
+    log(f"done in {time.perf_counter() - t0:.1f} s")
     return entry
 
 
