@@ -5,7 +5,7 @@ kernel as two matrix products over the batch) on CPU, and on the GPU when there 
 one crop at a time (uint8 in, uint8 out, as a data loader would), and kornia's antialiased bicubic for
 reference. Also the share of one configs/tiny.yaml training step (pfsr.train.train_step) that the degradation
 of its batch takes. Goals: on CPU at least Pillow's speed and at most 10% of a training step; on a GPU >= 50x
-Pillow's throughput.
+Pillow's throughput. Timings: fastest of --repeats, the contenders taking turns.
 
     python bench/degradation.py [--crops 64] [--size 192] [--scale 4] [--repeats 20]
 
@@ -48,17 +48,20 @@ def crops(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-def best_of(fn, repeats: int, sync=lambda: None) -> float:
-    """Fastest of `repeats` timed calls (after one warm-up), seconds."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def best_of(fns: dict, repeats: int, sync=lambda: None) -> dict:
+    """name -> fastest of `repeats` timed calls of fns[name] (after one warm-up), seconds. The functions take
+    turns, so that a shared machine's changing load hits them alike."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def pillow(batch: np.ndarray, scale: int) -> list[np.ndarray]:
@@ -76,11 +79,12 @@ def train_step_seconds(repeats: int) -> tuple[float, float, tuple[int, ...]]:
     torch.manual_seed(0)
     state = make_state(build_model(config), config)
     objective = TrainingObjective(state.model, config.loss, config.train.stage)
-    hr = torch.from_numpy(crops(config.data.batch_size, config.data.crop, seed=1)).permute(0, 3, 1, 2).float() / 255
+    batch = crops(config.data.batch_size, config.data.crop, seed=1)
+    hr = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().float() / 255
     gen = torch.Generator().manual_seed(0)
-    step = best_of(lambda: train_step(objective, hr, state, config, generator=gen), max(3, repeats // 4))
-    degradation = best_of(lambda: degrade(hr, config.model.scale), repeats)
-    return step, degradation, tuple(hr.shape)
+    t = best_of({"step": lambda: train_step(objective, hr, state, config, generator=gen),
+                 "degradation": lambda: degrade(hr, config.model.scale)}, max(3, repeats // 4))
+    return t["step"], t["degradation"], tuple(hr.shape)
 
 
 def main(argv=None) -> dict:
@@ -95,17 +99,18 @@ def main(argv=None) -> dict:
 
     batch = crops(args.crops, args.size)
     lr_size = args.size // args.scale
-    hr = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    hr = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().float() / 255  # NCHW, as the loader gives
     ref = np.stack(pillow(batch, args.scale)).astype(np.float64)
 
     def mae(lr: torch.Tensor) -> float:
         return round(float(np.abs(to_uint8(lr).permute(0, 2, 3, 1).cpu().numpy() - ref).mean()), 4)
 
-    pillow_s = best_of(lambda: pillow(batch, args.scale), args.repeats)
-    ours_s = best_of(lambda: degrade(hr, args.scale), args.repeats)
-    kornia_fn = lambda x: kornia.geometry.transform.resize(x, (lr_size, lr_size), interpolation="bicubic",  # noqa: E731
-                                                           antialias=True)
-    kornia_s = best_of(lambda: kornia_fn(hr), args.repeats)
+    def kornia_fn(x: torch.Tensor) -> torch.Tensor:
+        return kornia.geometry.transform.resize(x, (lr_size, lr_size), interpolation="bicubic", antialias=True)
+
+    t = best_of({"pillow": lambda: pillow(batch, args.scale), "ours": lambda: degrade(hr, args.scale),
+                 "kornia": lambda: kornia_fn(hr)}, args.repeats)
+    pillow_s, ours_s, kornia_s = t["pillow"], t["ours"], t["kornia"]
     step_s, step_degrade_s, step_shape = train_step_seconds(args.repeats)
 
     result = {
@@ -133,7 +138,7 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         hr_gpu = hr.to(dev)
-        gpu_s = best_of(lambda: degrade(hr_gpu, args.scale), args.repeats, sync=torch.cuda.synchronize)
+        gpu_s = best_of({"gpu": lambda: degrade(hr_gpu, args.scale)}, args.repeats, sync=torch.cuda.synchronize)["gpu"]
         result["gpu"] = {"device": torch.cuda.get_device_name(dev), "ours_batched_ms": round(1e3 * gpu_s, 3),
                          "throughput_vs_pillow": round(pillow_s / gpu_s, 1), "goal_throughput_vs_pillow": ">= 50",
                          "mae_vs_pillow_per_255": mae(degrade(hr_gpu, args.scale))}
