@@ -60,7 +60,8 @@ def one_thread():
 @pytest.fixture
 def gaussian():
     m = torch.linspace(-1, 1, 48, dtype=torch.float64).reshape(3, 4, 4)
-    s = torch.linspace(0.05, 1.5, 48, dtype=torch.float64)[torch.randperm(48, generator=torch.Generator().manual_seed(1))]
+    shuffle = torch.randperm(48, generator=torch.Generator().manual_seed(1))  # means and widths uncorrelated
+    s = torch.linspace(0.05, 1.5, 48, dtype=torch.float64)[shuffle]
     return Gaussian(m, s.reshape(3, 4, 4))
 
 
