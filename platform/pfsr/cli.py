@@ -54,6 +54,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="run name (default: config name and time)")
     p.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     p.add_argument("--init", default=None, help="checkpoint of the previous stage to start from")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs Ray reserves per training worker")
     p.add_argument("--ray-address", default=None)
 
 
