@@ -1,8 +1,8 @@
 """Run every benchmark, then rewrite the README's benchmark table from bench/results/*.json.
 
 Each bench/*.py runs in its own process, prints one JSON object and writes bench/results/<name>.json; this adds
-"measured" (the date) and, when the result does not name it, "machine" (cores, CPU, GPU). A failing or timed-out script is
-reported and the others still run; the exit code is 1 when any failed.
+"measured" (the date) and, when the result does not name it, "machine" (cores, CPU, GPU). A failing or timed-out
+script is reported and the others still run; the exit code is 1 when any failed.
 
     python bench/run_all.py                      # all (make bench)
     python bench/run_all.py --only loader        # some
@@ -28,7 +28,7 @@ def scripts(only: list[str], skip: list[str]) -> list[Path]:
     found = sorted(p for p in BENCH.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
     unknown = set(only) - {p.stem for p in found}
     if unknown:
-        raise SystemExit(f"no bench/{'.py, bench/'.join(sorted(unknown))}.py (have: {', '.join(p.stem for p in found)})")
+        raise SystemExit(f"unknown benchmark(s) {', '.join(sorted(unknown))}; have {', '.join(p.stem for p in found)}")
     return [p for p in found if (not only or p.stem in only) and p.stem not in skip]
 
 

@@ -142,6 +142,8 @@ def plot_quality_vs_nfe(evals: Sequence[dict[str, Any]]) -> Optional[bytes]:
     if not evals:
         return None
     plt = _plt()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     has_lpips = any(e["model"].get("lpips") is not None for e in evals)
     fig, axes = plt.subplots(1, 2 if has_lpips else 1, figsize=(11 if has_lpips else 6.5, 4.2), squeeze=False)
     markers = {"demo": "o", "shipped": "s"}
@@ -163,6 +165,8 @@ def plot_quality_vs_nfe(evals: Sequence[dict[str, Any]]) -> Optional[bytes]:
                     ax.axhline(values[0], color="gray", linestyle=style, linewidth=1,
                                label=section if section == "bicubic" else f"RRDB ({owner})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -170,7 +174,8 @@ def plot_quality_vs_nfe(evals: Sequence[dict[str, Any]]) -> Optional[bytes]:
                    for o in sorted({e["owner"] for e in evals})]
         handles += [plt.Line2D([], [], marker="o", linestyle="", color=c, label=s) for s, c in colors.items()]
         ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7)
-    fig.suptitle(f"Quality against NFE (x{evals[0].get('scale')}, {evals[0].get('n_images')} validation images)")
+    n = evals[0].get("n_images")
+    fig.suptitle(f"Quality against NFE (x{evals[0].get('scale')}, {n} validation image{'' if n == 1 else 's'})")
     fig.tight_layout()
     return _png(fig)
 
@@ -351,9 +356,7 @@ def _serve_html(out: Path) -> str:
         from .degradation import upsample
         import torch
 
-        sr = np.asarray(Image.open(files["sr"]).convert("RGB"))
-        hr = np.asarray(Image.open(files["hr"]).convert("RGB"))
-        lr = np.asarray(Image.open(files["lr"]).convert("RGB"))
+        sr, hr, lr = (np.array(Image.open(files[k]).convert("RGB")) for k in ("sr", "hr", "lr"))
         scale = sr.shape[0] // lr.shape[0]
         bicubic = upsample(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255, scale)
         bicubic = (bicubic[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -10,10 +10,11 @@
     serve      `pfsr serve` (Ray Serve) on a free port; a held-back photo upscaled over HTTP -> serve_*.png
     report     report.html (pfsr.report) from the raw files beside it: timings.json, loss_curves.json, ...
 
-The cluster is started here (`ray.init(address="local")` with its own temp dir) and its GCS address handed to
-every stage as --ray-address; it is shut down at the end, on failure and on Ctrl-C or SIGTERM (never `ray stop`,
-which would kill every Ray on the machine). A failing stage stops the demo with its name, exit code and log, and
-the demo exits non-zero; report.html still shows what finished.
+The cluster is the demo's own `ray start --head` (free ports, its own temp dir, its own auth token);
+its address goes to every stage as --ray-address, and it is shut down at the end, on failure and on Ctrl-C or
+SIGTERM by stopping that one process (never `ray stop`, which would kill every Ray on the machine). A failing
+stage stops the demo with its name, exit code and log, and the demo exits non-zero; report.html still shows what
+finished.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -62,7 +64,8 @@ class Plan:
 
     encoder_steps: int
     diffusion_steps: int
-    val_every: int  # diffusion-stage validation (a multiple of tiny.yaml's log_every, 10)
+    log_every: int  # training curves' resolution
+    val_every: int  # diffusion-stage validation (a multiple of log_every)
     val_patch: int  # HR side of the validation crops
     eval_limit: int  # images per evaluation
     few_steps: tuple[int, ...]  # DPM-Solver++(2M) step counts evaluated besides PF-ODE
@@ -70,10 +73,11 @@ class Plan:
     workers: int = 2
 
 
-FULL = Plan(encoder_steps=200, diffusion_steps=300, val_every=100, val_patch=128, eval_limit=4, few_steps=(4, 10),
-            serve_lr=48)
-QUICK = Plan(encoder_steps=10, diffusion_steps=10, val_every=10, val_patch=64, eval_limit=1, few_steps=(10,),
-             serve_lr=16)
+# FULL measured on a 2-core machine shared with other jobs (load ~7): about 11 minutes, 7 of them training.
+FULL = Plan(encoder_steps=150, diffusion_steps=240, log_every=10, val_every=80, val_patch=128, eval_limit=3,
+            few_steps=(4, 10), serve_lr=48)
+QUICK = Plan(encoder_steps=10, diffusion_steps=10, log_every=2, val_every=10, val_patch=64, eval_limit=1,
+             few_steps=(10,), serve_lr=16)
 
 
 class StageFailed(RuntimeError):
@@ -92,11 +96,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """Ctrl-C for a child (it cleans up as on a keyboard interrupt), then SIGKILL when it does not exit."""
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: float = 30) -> None:
+    """Stop a child with `sig` (SIGINT: it cleans up as on Ctrl-C), then SIGKILL when it does not exit."""
     if proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
@@ -104,13 +108,22 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
         proc.wait()
 
 
-def _pump(stream: IO[str], log: IO[str], t0: float) -> None:
-    """Copy a child's output to its log and to stdout, each line prefixed with the stage's elapsed time."""
-    for line in stream:
-        log.write(line)
-        log.flush()
-        if line.strip():
-            print(f"  {_clock(time.perf_counter() - t0)} │ {line.rstrip()}", flush=True)
+def _pump(stream: IO[str], log: IO[str], t0: float, ready: Optional[threading.Event] = None) -> None:
+    """Copy a child's output to its log and to stdout, each line prefixed with the stage's elapsed time (a line
+    equal to the one before, as Ray sometimes forwards a worker's line twice, is only logged). With `ready`: set
+    it at the line with which `ray start` says the cluster is up, and only log from there on (its hints, such as
+    `ray stop`, are not for this cluster)."""
+    shown = None
+    with log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            line = line.rstrip()
+            if ready is not None and "Ray runtime started" in line:
+                ready.set()
+            if line and line != shown and not (ready is not None and ready.is_set()):
+                print(f"  {_clock(time.perf_counter() - t0)} │ {line}", flush=True)
+                shown = line
 
 
 @dataclass
@@ -126,9 +139,11 @@ class Pipeline:
 
     @contextlib.contextmanager
     def stage(self, name: str, argv: Optional[list[str]] = None) -> Iterator[Path]:
-        """Banner, timing and status around a block; yields the stage's log path."""
-        shown = shlex.join(["pfsr", *argv]) if argv else None
-        print(f"\n━━ [{len(self.stages) + 1}/{self.total}] {name} ━━ (demo at {_clock(time.perf_counter() - self.t0)})"
+        """Banner, timing and status around a block; yields the stage's log path. `argv` of a `pfsr` command
+        (or of another program, with its name first) is shown and recorded."""
+        shown = shlex.join(argv if argv and argv[0] == "ray" else ["pfsr", *argv]) if argv else None
+        at = _clock(time.perf_counter() - self.t0)
+        print(f"\n━━ [{len(self.stages) + 1}/{self.total}] {name} ━━ (demo at {at})"
               + (f"\n   $ {shown}" if shown else ""), flush=True)
         record: dict[str, Any] = {"name": name, "command": shown, "status": "running", "seconds": 0.0}
         self.stages.append(record)
@@ -149,14 +164,8 @@ class Pipeline:
         """`pfsr ARGV` started with its output streamed (by a thread) to the console and log_path."""
         proc = subprocess.Popen([sys.executable, "-m", "pfsr", *argv], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env}, cwd=REPO)
-        log = open(log_path, "w")
-        t0 = time.perf_counter()
-
-        def pump() -> None:
-            with log:
-                _pump(proc.stdout, log, t0)
-
-        thread = threading.Thread(target=pump, daemon=True)
+        thread = threading.Thread(target=_pump, args=(proc.stdout, open(log_path, "w"), time.perf_counter()),
+                                  daemon=True)
         thread.start()
         return proc, thread
 
@@ -225,11 +234,12 @@ def stage_configs(out: Path, plan: Plan) -> tuple[Path, Path]:
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     encoder = {"base": str(TINY_CONFIG),
-               "train": {"stage": "encoder", "steps": plan.encoder_steps, "checkpoint_every": plan.encoder_steps}}
+               "train": {"stage": "encoder", "steps": plan.encoder_steps, "log_every": plan.log_every,
+                         "checkpoint_every": plan.encoder_steps}}
     # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
     diffusion = {"base": str(TINY_CONFIG), "model": {"freeze_encoder": True},
-                 "train": {"stage": "diffusion", "steps": plan.diffusion_steps, "val_every": plan.val_every,
-                           "checkpoint_every": plan.val_every}}
+                 "train": {"stage": "diffusion", "steps": plan.diffusion_steps, "log_every": plan.log_every,
+                           "val_every": plan.val_every, "checkpoint_every": plan.val_every}}
     paths = folder / "encoder.yaml", folder / "diffusion.yaml"
     for path, cfg in zip(paths, (encoder, diffusion)):
         path.write_text("# written by `pfsr demo`\n" + json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
@@ -326,23 +336,50 @@ def serve_and_upscale(pipe: Pipeline, checkpoint: Path, ray_address: str, val_di
 # Cluster
 
 @contextlib.contextmanager
-def local_cluster() -> Iterator[str]:
-    """A Ray cluster of this process (own temp dir, no dashboard); yields its GCS address; shut down on exit."""
-    import ray
+def local_cluster(pipe: Pipeline) -> Iterator[str]:
+    """`ray start --head --block` on free ports with its own temp dir; yields its GCS address (on 127.0.0.1).
 
+    Every process of this cluster, and every stage, sees RAY_ADDRESS (Ray's own "auto" lookups, as Ray Train's
+    placement-group cleaner does, would otherwise stop at other clusters on the machine) and a token of this
+    demo (RAY_AUTH_MODE=token). Stopping the `ray start` process stops its Ray processes and no others.
+    """
     temp_dir = tempfile.mkdtemp(prefix="pfsr-demo-ray-")
-    # Logical CPUs, not cores: the stages run one after another, and Ray Train's 2 workers plus Ray Data's tasks
-    # must fit on a 2-core machine (each worker sets its own torch threads).
-    context = ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                       _temp_dir=temp_dir, log_to_driver=False, logging_level="WARNING")
-    address = context.address_info["gcs_address"]
-    print(f"local Ray cluster at {address} (temp dir {temp_dir})", flush=True)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    cluster_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Logical CPUs, not cores: the stages run one after another, and Ray Train's 2 workers plus Ray Data's
+    # tasks must fit on a 2-core machine (each worker sets its own torch threads).
+    # The dashboard also serves the State API, which Ray Train's placement-group cleaner polls.
+    dashboard_port = _free_port()
+    argv = ["start", "--head", "--block", "--port", str(port), "--temp-dir",
+            temp_dir, "--num-cpus", str(max(4, os.cpu_count() or 1)), "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats",
+            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port())]
+    started = threading.Event()
+    with pipe.stage("ray start", ["ray", *argv]) as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("ray")), *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, **cluster_env})
+        pump = threading.Thread(target=_pump, args=(proc.stdout, open(log, "w"), time.perf_counter(), started),
+                                daemon=True)
+        pump.start()
+        try:
+            while not started.wait(0.5):
+                if proc.poll() is not None:
+                    raise StageFailed("ray start", f"exited with code {proc.returncode}; its log: {log}")
+        except BaseException:
+            _stop(proc, signal.SIGTERM)
+            raise
+    pipe.env.update(cluster_env)
+    print(f"  local Ray cluster at {address}, dashboard http://127.0.0.1:{dashboard_port} (temp dir {temp_dir})",
+          flush=True)
     try:
         yield address
     finally:
-        ray.shutdown()
+        _stop(proc, signal.SIGTERM)
+        pump.join(timeout=10)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        print("Ray cluster shut down", flush=True)
+        print(f"Ray cluster at {address} shut down", flush=True)
 
 
 def _raise_interrupt(signum, frame):
@@ -368,7 +405,8 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
     from ..config import load_config
     from ..report import machine_info
 
-    gpu = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    workers = min(plan.workers, gpus) if gpus else plan.workers  # one GPU per worker
     shipped = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
     for name in OUTPUTS:  # only what an earlier demo wrote here
         path = out / name
@@ -377,11 +415,11 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
     evals = evaluations(plan, shipped is not None)
     # Ray Data's progress bars redraw in place, which in a pipe makes a line per redraw; the stages log progress.
     env = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    pipe = Pipeline(out=out, total=7 + len(evals), env=env)
+    pipe = Pipeline(out=out, total=8 + len(evals), env=env)
     info = {"data": data or "scikit-image photos (" + ", ".join(PHOTOS) + f"; val: {', '.join(VAL_PHOTOS)})",
             "quick": plan is QUICK, "plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine_info(), "gpu": gpu}
-    print(f"PF-SR demo -> {out} ({'quick' if plan is QUICK else 'full'} run, {'GPU' if gpu else 'CPU'}; "
+            "machine": machine_info(), "gpus": gpus, "workers": workers}
+    print(f"PF-SR demo -> {out} ({'quick' if plan is QUICK else 'full'} run, {f'{gpus} GPU' if gpus else 'CPU'}; "
           f"shipped model: {shipped or 'not found'})", flush=True)
     status, failed = "failed", None
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
@@ -391,18 +429,18 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
             print(f"  {counts['train']} training and {counts['val']} validation images in {out / 'data'}", flush=True)
         encoder_cfg, diffusion_cfg = stage_configs(out, plan)
         scale = load_config(diffusion_cfg).model.scale
-        with local_cluster() as address:
+        with local_cluster(pipe) as address:
             ray_flag = ["--ray-address", address]
             shards = out / "shards"
             pipe.run("prep train", ["prep", "--source", str(out / "data" / "train"), "--out", str(shards / "train"),
-                                    "--layout", "folder", "--split", "train", "--min-shards", str(2 * plan.workers),
+                                    "--layout", "folder", "--split", "train", "--min-shards", str(2 * workers),
                                     *ray_flag])
             pipe.run("prep val", ["prep", "--source", str(out / "data" / "val"), "--out", str(shards / "val"),
                                   "--layout", "folder", "--split", "val", "--patch", str(plan.val_patch),
                                   "--step", str(plan.val_patch), "--min-shards", "1", *ray_flag])
             runs = out / "runs"
-            train_flags = ["--data", str(shards / "train"), "--workers", str(plan.workers), "--storage", str(runs),
-                           *(["--gpu"] if gpu else []), *ray_flag]
+            train_flags = ["--data", str(shards / "train"), "--workers", str(workers), "--storage", str(runs),
+                           *(["--gpu"] if gpus else []), *ray_flag]
             pipe.run("train encoder", ["train", "--config", str(encoder_cfg), "--name", "demo-encoder",
                                        *train_flags])
             pipe.run("train diffusion", ["train", "--config", str(diffusion_cfg), "--name", "demo-diffusion",
@@ -417,7 +455,7 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
                 pipe.run(f"evaluate {name}", ["evaluate", "--checkpoint", str(checkpoints[key]), "--data",
                                               str(shards / "val"), "--out", str(out / "eval" / name),
                                               "--limit", str(plan.eval_limit), *sampler,
-                                              *(["--gpus-per-replica", "1"] if gpu else []), *ray_flag])
+                                              *(["--gpus-per-replica", "1"] if gpus else []), *ray_flag])
             serve_and_upscale(pipe, model, address, out / "data" / "val", plan, scale)
         status = "ok"
     except StageFailed as e:
