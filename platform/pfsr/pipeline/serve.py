@@ -47,7 +47,7 @@ from .batching import SolverSettings, WorkItem, effective_bucket, plan_groups, r
 
 log = logging.getLogger("pfsr.serve")
 
-DEPLOYMENT_NAME = "PFSRUpscaler"
+DEPLOYMENT_NAME = "PFSRUpscaler"  # cluster/serve.yaml's deployments: entry overrides its options by this name
 ACCEPTED_TYPES = {"image/png", "image/jpeg", "image/jpg"}
 SNIFFED_TYPES = {"", "application/octet-stream"}  # no declared type: the image header decides
 ACCEPTED_FORMATS = {"PNG", "JPEG"}
