@@ -81,3 +81,21 @@ def photo_dir(tmp_path_factory, photos) -> Path:
     for name, img in photos.items():
         Image.fromarray(img).save(root / f"{name}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A serving checkpoint of configs/tiny.yaml at its seeded initialization (loads in a second; its samples
+    test plumbing, not quality)."""
+    import torch
+
+    from pfsr.checkpoint import save, serving_checkpoint, training_checkpoint
+    from pfsr.config import load_config
+    from pfsr.models.sr import build_model
+    from pfsr.train import make_state
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny_x4.pt"
+    save(serving_checkpoint(training_checkpoint(make_state(build_model(config), config), config)), path)
+    return path
