@@ -137,7 +137,7 @@ def decode_upload(body: bytes, content_type: str, cfg: ServeConfig):
         # header only (sizes before any pixel is decoded); the pixel cap below gives 413, not this guard
         header = read_header(body, "upload", max_pixels=sys.maxsize)
     except ImageRejected as e:
-        status = 413 if e.reason.startswith("decompression bomb") else 400
+        status = 413 if e.reason.startswith(("too many pixels", "decompression bomb")) else 400
         raise RequestError(status, f"cannot decode the body: {e.reason}") from None
     if header.format not in ACCEPTED_FORMATS:
         raise RequestError(415, f"the body is a {header.format or 'unknown'} image: send PNG or JPEG")
@@ -151,6 +151,52 @@ def decode_upload(body: bytes, content_type: str, cfg: ServeConfig):
         raise RequestError(400, f"cannot decode the body: {e.reason}") from None
 
 
+class Engine:
+    """The model side of a replica, without Serve: jobs -> outcomes under the per-request caps. A forward
+    pre-hook on the U-Net charges every network evaluation to the running solve's Budget."""
+
+    def __init__(self, checkpoint: str, cfg: ServeConfig, device: Optional[str] = None):
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.model = load_model(storage.read_bytes(checkpoint), self.device)
+        self.bucket = effective_bucket(self.model, cfg.size_bucket)
+        self.budget: Optional[Budget] = None
+        self.model.unet.register_forward_pre_hook(self._charge)
+
+    def run(self, jobs: list[Job]) -> list[Outcome | RequestError]:
+        outcomes: list[Outcome | RequestError | None] = [None] * len(jobs)
+        for group in plan_groups([j.item for j in jobs], bucket=self.bucket, tile=self.cfg.tile):
+            t0 = time.perf_counter()
+            self.budget = Budget(self.cfg.max_nfe, t0 + self.cfg.max_seconds, self.cfg.max_seconds)
+            try:
+                results = run_group(self.model, [jobs[i].item for i in group], bucket=self.bucket,
+                                    tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+            except RequestError as e:
+                for i in group:
+                    outcomes[i] = e
+                continue
+            finally:
+                self.budget = None
+            seconds = time.perf_counter() - t0
+            for i, (sr, nfe) in zip(group, results):
+                buf = io.BytesIO()
+                to_image(sr, jobs[i].alpha, self.model.scale).save(buf, format="PNG", compress_level=1)
+                outcomes[i] = Outcome(buf.getvalue(), nfe, seconds, len(group))
+        return outcomes
+
+    def _charge(self, module, args) -> None:
+        budget = self.budget
+        if budget is None:
+            return
+        budget.nfe += 1
+        if budget.nfe > budget.max_nfe:
+            raise RequestError(400, f"the solve needs more than serve.max_nfe = {budget.max_nfe} network "
+                                    "evaluations; use fewer steps, a looser rtol/atol or a smaller image")
+        if time.perf_counter() > budget.deadline:
+            raise RequestError(503, f"the solve took longer than serve.max_seconds = {budget.max_seconds:g} s",
+                               {"Retry-After": str(RETRY_AFTER_S)})
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class Upscaler:
@@ -162,21 +208,17 @@ class Upscaler:
         self.cfg = ServeConfig(**serve_config)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))  # the replica's share, not every core of the node
-        self.device = resolve_device(device)
-        self.checkpoint = checkpoint
-        self.model = load_model(storage.read_bytes(checkpoint), self.device)
-        self.bucket = effective_bucket(self.model, self.cfg.size_bucket)
+        self.engine = Engine(checkpoint, self.cfg, device)
         self.token = os.environ.get(self.cfg.token_env) or None
-        self.budget: Optional[Budget] = None
-        self.model.unet.register_forward_pre_hook(self._charge)
         self._solve.set_max_batch_size(self.cfg.max_batch_size)
         self._solve.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        log.info("PF-SR replica: %s on %s, x%d, batches of <= %d, bucket %d, auth %s", checkpoint, self.device,
-                 self.model.scale, self.cfg.max_batch_size, self.bucket, "on" if self.token else "off")
+        log.info("PF-SR replica: %s on %s, x%d, batches of <= %d, bucket %d, auth %s", checkpoint,
+                 self.engine.device, self.engine.model.scale, self.cfg.max_batch_size, self.engine.bucket,
+                 "on" if self.token else "off")
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "scale": self.model.scale, "device": str(self.device),
+        return {"status": "ok", "scale": self.engine.model.scale, "device": str(self.engine.device),
                 "default_sampler": self.cfg.default_sampler, "default_steps": self.cfg.default_steps}
 
     @api.post("/upscale")
@@ -188,7 +230,7 @@ class Upscaler:
             if length > self._max_body_bytes():
                 raise RequestError(413, f"body of {length} bytes is larger than {self._max_body_bytes()} bytes")
             decoded = decode_upload(await request.body(), request.headers.get("content-type", ""), self.cfg)
-            lr = torch.from_numpy(decoded.rgb).permute(2, 0, 1).float().div(255).to(self.device)
+            lr = torch.from_numpy(decoded.rgb).permute(2, 0, 1).float().div(255).to(self.engine.device)
             outcome = await self._solve(Job(WorkItem(lr, seed, settings), decoded.alpha))
         except RequestError as e:
             return e.response()
@@ -215,41 +257,7 @@ class Upscaler:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _solve(self, jobs: list[Job]) -> list[Outcome | RequestError]:
         # the solve runs in a thread, so the replica keeps answering /healthz and filling the next batch
-        return await asyncio.to_thread(self._run, jobs)
-
-    def _run(self, jobs: list[Job]) -> list[Outcome | RequestError]:
-        outcomes: list[Outcome | RequestError | None] = [None] * len(jobs)
-        for group in plan_groups([j.item for j in jobs], bucket=self.bucket, tile=self.cfg.tile):
-            t0 = time.perf_counter()
-            self.budget = Budget(self.cfg.max_nfe, t0 + self.cfg.max_seconds, self.cfg.max_seconds)
-            try:
-                results = run_group(self.model, [jobs[i].item for i in group], bucket=self.bucket,
-                                    tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
-            except RequestError as e:
-                for i in group:
-                    outcomes[i] = e
-                continue
-            finally:
-                self.budget = None
-            seconds = time.perf_counter() - t0
-            for i, (sr, nfe) in zip(group, results):
-                buf = io.BytesIO()
-                to_image(sr, jobs[i].alpha, self.model.scale).save(buf, format="PNG", compress_level=1)
-                outcomes[i] = Outcome(buf.getvalue(), nfe, seconds, len(group))
-        return outcomes
-
-    def _charge(self, module, args) -> None:
-        """Forward pre-hook of the U-Net: one network evaluation of the running solve."""
-        budget = self.budget
-        if budget is None:
-            return
-        budget.nfe += 1
-        if budget.nfe > budget.max_nfe:
-            raise RequestError(400, f"the solve needs more than serve.max_nfe = {budget.max_nfe} network "
-                                    "evaluations; use fewer steps, a looser rtol/atol or a smaller image")
-        if time.perf_counter() > budget.deadline:
-            raise RequestError(503, f"the solve took longer than serve.max_seconds = {budget.max_seconds:g} s",
-                               {"Retry-After": str(RETRY_AFTER_S)})
+        return await asyncio.to_thread(self.engine.run, jobs)
 
 
 def serve_config(config: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> ServeConfig:
