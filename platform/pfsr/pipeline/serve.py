@@ -23,6 +23,7 @@ import hmac
 import io
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -323,8 +324,10 @@ def run_cli(args) -> int:
     serve.run(build_app(checkpoint, cfg, ray_actor_options=actor_options), name="pfsr", route_prefix="/")
     print(f"PF-SR serving {checkpoint} at http://{args.host}:{args.port}/upscale (GET /healthz; bearer token "
           f"{'required' if token else 'off'}); Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`, docker stop: shut down as on Ctrl-C
     try:
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+        ray.shutdown()
