@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # report.html: self-contained (no file or network references), every section, every embedded PNG decodes
     html = (out / "report.html").read_text()
-    assert not re.search(r'src="(?!data:)', html) and "http://" not in html.replace(serve["url"], "")
+    assert not re.search(r'src="(?!data:)', html) and "http://" not in html.replace(escape(serve["url"]), "")
     for heading in ("Metrics on held-out images", "Quality against network evaluations", "Comparison grids",
                     "Upscaled over HTTP", "Training curves", "Time per stage"):
         assert heading in html

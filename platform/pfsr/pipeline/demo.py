@@ -10,11 +10,11 @@
     serve      `pfsr serve` (Ray Serve) on a free port; a held-back photo upscaled over HTTP -> serve_*.png
     report     report.html (pfsr.report) from the raw files beside it: timings.json, loss_curves.json, ...
 
-The cluster is the demo's own `ray start --head` (free ports, its own temp dir, its own auth token);
-its address goes to every stage as --ray-address, and it is shut down at the end, on failure and on Ctrl-C or
-SIGTERM by stopping that one process (never `ray stop`, which would kill every Ray on the machine). A failing
-stage stops the demo with its name, exit code and log, and the demo exits non-zero; report.html still shows what
-finished.
+The cluster is the demo's own `ray start --head` (free ports, its own temp dir, its own auth token); its address
+goes to every stage as --ray-address, and it is shut down at the end, on failure and on Ctrl-C or SIGTERM by
+stopping that one process and its session (never `ray stop`, which would kill every Ray on the machine). A
+failing stage stops the demo with its name, exit code and log, and the demo exits non-zero; report.html still
+shows what finished.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional
+
+import numpy as np
 
 from .. import storage
 from ..errors import InputError
@@ -133,7 +135,7 @@ class Pipeline:
 
     out: Path
     total: int
-    env: dict[str, str]  # on top of os.environ at launch (ray.init sets RAY_AUTH_MODE there for its cluster)
+    env: dict[str, str]  # on top of os.environ for every stage (the cluster's address and token, once it runs)
     stages: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -270,17 +272,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise StageFailed("serve", f"{url} did not answer 200 within {timeout_s:.0f} s")
 
 
-def serve_request_image(val_dir: Path, lr_side: int, scale: int) -> tuple[bytes, "Any", "Any"]:
+def _first_photo(folder: Path) -> np.ndarray:
+    """The first image under `folder` (sorted) that decodes, as HxWx3 uint8 RGB (your own data may hold files
+    that `pfsr prep` rejected)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError):
+            continue
+    raise StageFailed("serve", f"no image in {folder} decodes")
+
+
+def serve_request_image(val_dir: Path, lr_side: int, scale: int) -> tuple[bytes, np.ndarray, np.ndarray]:
     """A held-back photo's central HR crop of lr_side * scale pixels and its LR (the training degradation, 8 bit)
     -> (LR PNG bytes, LR uint8 HxWx3, HR uint8 HxWx3)."""
-    import numpy as np
     import torch
     from PIL import Image
 
     from ..degradation import degrade, to_uint8
 
-    first = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[0]
-    hr = np.asarray(Image.open(first).convert("RGB"))
+    hr = _first_photo(val_dir)
     side = min(lr_side * scale, hr.shape[0] // scale * scale, hr.shape[1] // scale * scale)
     top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
     hr = np.ascontiguousarray(hr[top:top + side, left:left + side])
@@ -341,7 +355,9 @@ def local_cluster(pipe: Pipeline) -> Iterator[str]:
 
     Every process of this cluster, and every stage, sees RAY_ADDRESS (Ray's own "auto" lookups, as Ray Train's
     placement-group cleaner does, would otherwise stop at other clusters on the machine) and a token of this
-    demo (RAY_AUTH_MODE=token). Stopping the `ray start` process stops its Ray processes and no others.
+    demo (RAY_AUTH_MODE=token). `ray start` runs in a session of its own, so a Ctrl-C in the terminal reaches
+    the stages first; then SIGINT to it stops its Ray processes (it ignores SIGTERM while it blocks), and
+    whatever of its session outlives it is killed: this cluster's processes and no others.
     """
     temp_dir = tempfile.mkdtemp(prefix="pfsr-demo-ray-")
     port = _free_port()
@@ -359,7 +375,8 @@ def local_cluster(pipe: Pipeline) -> Iterator[str]:
     started = threading.Event()
     with pipe.stage("ray start", ["ray", *argv]) as log:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("ray")), *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env={**os.environ, **cluster_env})
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, **cluster_env},
+                                start_new_session=True)
         pump = threading.Thread(target=_pump, args=(proc.stdout, open(log, "w"), time.perf_counter(), started),
                                 daemon=True)
         pump.start()
@@ -368,7 +385,7 @@ def local_cluster(pipe: Pipeline) -> Iterator[str]:
                 if proc.poll() is not None:
                     raise StageFailed("ray start", f"exited with code {proc.returncode}; its log: {log}")
         except BaseException:
-            _stop(proc, signal.SIGTERM)
+            _stop_cluster(proc)
             raise
     pipe.env.update(cluster_env)
     print(f"  local Ray cluster at {address}, dashboard http://127.0.0.1:{dashboard_port} (temp dir {temp_dir})",
@@ -376,10 +393,16 @@ def local_cluster(pipe: Pipeline) -> Iterator[str]:
     try:
         yield address
     finally:
-        _stop(proc, signal.SIGTERM)
+        _stop_cluster(proc)
         pump.join(timeout=10)
         shutil.rmtree(temp_dir, ignore_errors=True)
         print(f"Ray cluster at {address} shut down", flush=True)
+
+
+def _stop_cluster(proc: subprocess.Popen) -> None:
+    _stop(proc, signal.SIGINT)
+    with contextlib.suppress(ProcessLookupError):  # its own session: the group id is its pid
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _raise_interrupt(signum, frame):
