@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from html import escape
@@ -119,6 +120,14 @@ def test_quick_demo_end_to_end(tmp_path):
     for png in ("quality_vs_nfe.png", "loss_curves.png", "timings.png", "serve_comparison.png"):
         assert _png(out / png).size > 0
     assert len(list((out / "logs").glob("*.log"))) == len(timings["stages"]) - 1  # all but the in-process data
+
+    # the shipped model's rows: an evaluation named shipped-* (here a copy of the demo's) gets its own rows
+    if not (out / "eval" / "shipped-dpmpp_2m-10").exists():
+        shutil.copytree(out / "eval" / "demo-dpmpp_2m-10", out / "eval" / "shipped-dpmpp_2m-10")
+    rebuilt = subprocess.run([sys.executable, "-m", "pfsr.report", str(out)], capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    html = (out / "report.html").read_text()
+    assert "shipped model (models/pfsr_x4_small.pt)" in html and "RRDB L1 regression (shipped)" in html
 
 
 def test_failing_stage_is_named_and_exits_nonzero(tmp_path):

@@ -157,13 +157,13 @@ def plot_quality_vs_nfe(evals: Sequence[dict[str, Any]]) -> Optional[bytes]:
             ax.plot([nfe], [value], markers.get(e["owner"], "^"), color=color, markersize=8)
             ax.annotate(f"{e['owner']} {setting_label(e)}", (nfe, value), textcoords="offset points",
                         xytext=(5, 4), fontsize=7)
-        for section, style in (("bicubic", "--"), ("rrdb", ":")):
-            for owner in sorted({e["owner"] for e in evals}) if section == "rrdb" else ["demo"]:
-                values = [e[section][key] for e in evals if e.get(section) and e[section].get(key) is not None
-                          and (section == "bicubic" or e["owner"] == owner)]
-                if values:
-                    ax.axhline(values[0], color="gray", linestyle=style, linewidth=1,
-                               label=section if section == "bicubic" else f"RRDB ({owner})")
+        bicubic = [e["bicubic"][key] for e in evals if e["bicubic"].get(key) is not None]
+        if bicubic:
+            ax.axhline(bicubic[0], color="gray", linestyle="--", linewidth=1, label="bicubic")
+        for owner, style in zip(dict.fromkeys(e["owner"] for e in evals), (":", "-.", (0, (1, 3)))):
+            rrdb = [e["rrdb"][key] for e in evals if e["owner"] == owner and (e.get("rrdb") or {}).get(key) is not None]
+            if rrdb:
+                ax.axhline(rrdb[0], color="gray", linestyle=style, linewidth=1, label=f"RRDB ({owner})")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
