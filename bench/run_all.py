@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME")
     parser.add_argument("--table-only", action="store_true", help="do not run anything; rewrite the table")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per script")
+    parser.add_argument("--readme", type=Path, default=README, help="the README whose table is rewritten")
     args = parser.parse_args(argv)
 
     statuses = {}
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks on {machine}", flush=True)
         for script in scripts(args.only, args.skip):
             statuses[script.stem] = run(script, args.timeout, machine)
-    README.write_text(replace_section(README.read_text(), "benchmarks", benchmarks_section(RESULTS)))
-    print(f"\n{README.name}: benchmark table rewritten from {len(list(RESULTS.glob('*.json')))} results", flush=True)
+    args.readme.write_text(replace_section(args.readme.read_text(), "benchmarks", benchmarks_section(RESULTS)))
+    print(f"\n{args.readme}: benchmark table rewritten from {len(list(RESULTS.glob('*.json')))} results", flush=True)
     for name, (status, seconds) in statuses.items():
         print(f"  {name:20s} {status} ({seconds:.0f} s)")
     return 0 if all(status == "ok" for status, _ in statuses.values()) else 1

@@ -3,6 +3,7 @@ the results' own goals."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +48,15 @@ def test_bench_table_pairs_figures_with_their_goals(tmp_path):
     (tmp_path / "scaling.json").write_text(json.dumps({
         "benchmark": "scaling", "machine": "2 cores of Test CPU, no GPU", "measured": "2026-01-02",
         "samples_per_s": {"1": 10.0, "2": 17.5}, "ratio": 1.75, "goal_ratio": ">= 1.7",
-        "gpu": {"goal_speedup": ">= 50"}}))
+        "gpu": {"goal_speedup": ">= 50"},
+        "memory": {"growth_100_over_10": {"adjoint": 0.99, "direct": 9.6}, "goal_adjoint_growth_at_most": 1.1,
+                   "goal_met": True}}))
     (tmp_path / "plain.json").write_text(json.dumps({"images_per_s": 3.25, "nested": {"p99_ms": 12.0}}))
     rows = headline(json.loads((tmp_path / "scaling.json").read_text()))
     assert ("ratio", "1.75", ">= 1.7") in rows
     assert ("gpu.speedup", "not measured", ">= 50") in rows  # a goal without a figure says so
+    # a goal named differently from its figure: the number whose path shares its words; goal_met shown with it
+    assert ("memory.growth_100_over_10.adjoint", "0.99", "<= 1.1 (met)") in rows
     table = bench_table(tmp_path)
     assert "| scaling | `ratio` | 1.75 | >= 1.7 | 2 cores of Test CPU, no GPU | 2026-01-02 |" in table
     assert "| plain | `images_per_s` | 3.25 |  | not recorded |  |" in table  # no goals: the numbers
@@ -64,3 +69,28 @@ def test_readme_keeps_every_section_people_look_for():
         assert heading in text
     assert "make demo" in text and "make test" in text
     assert "```mermaid" in text
+
+
+def test_run_all_runs_each_benchmark_stamps_it_and_rewrites_the_table(tmp_path):
+    """bench/run_all.py on a copy of itself beside two scripts: one writes its result, one fails."""
+    bench = tmp_path / "bench"
+    (bench / "results").mkdir(parents=True)
+    (bench / "run_all.py").write_text((ROOT / "bench" / "run_all.py").read_text())
+    (bench / "echo_bench.py").write_text(
+        "import json, pathlib\n"
+        "result = {'benchmark': 'echo_bench', 'images_per_s': 12.5, 'goal_images_per_s': '>= 10'}\n"
+        "pathlib.Path(__file__).with_name('results').joinpath('echo_bench.json').write_text(json.dumps(result))\n"
+        "print(json.dumps(result))\n")
+    (bench / "broken_bench.py").write_text("raise SystemExit(3)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(replace_section(README.read_text(), "benchmarks", "stale"))
+    proc = subprocess.run([sys.executable, str(bench / "run_all.py"), "--readme", str(readme)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one script failed, and says so
+    assert re.search(r"broken_bench\s+exit code 3", proc.stdout) and re.search(r"echo_bench\s+ok", proc.stdout)
+    result = json.loads((bench / "results" / "echo_bench.json").read_text())
+    assert result["machine"].endswith("GPU") and " cores of " in result["machine"] and result["measured"]
+    table = section(readme.read_text(), "benchmarks")
+    assert f"| echo_bench | `images_per_s` | 12.5 | >= 10 | {result['machine']} | {result['measured']} |" in table
+    assert readme.read_text().replace(table, "") == README.read_text().replace(section(README.read_text(),
+                                                                                          "benchmarks"), "")

@@ -55,8 +55,17 @@ def _walk(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ..
             yield from _walk(value, path + (str(key),))
 
 
-def _scalar(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool)) and not isinstance(value, dict)
+def _numbers(node: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], float]]:
+    """Numeric leaves below `node` (not goals) with their paths relative to it."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, path + (str(key),))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not str(key).startswith("goal_"):
+            yield path + (str(key),), value
+
+
+def _tokens(text: str) -> set[str]:
+    return set(text.replace(".", "_").split("_")) - {"", "goal", "vs", "at", "most", "least", "pct"}
 
 
 def _fmt(value: Any) -> str:
@@ -70,27 +79,38 @@ def _fmt(value: Any) -> str:
 
 
 def headline(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(figure, value, goal) rows of a benchmark JSON: every `goal_X` key beside the measured key it names
-    (X itself, or a key ending in X); without goals, the first few numbers."""
+    """(figure, value, goal) rows of a benchmark JSON. Every `goal_X` key is paired with the measured figure it
+    names: the key X itself or one ending in X beside it, else the number below it whose path shares the most
+    words with X; a `goal_met` beside it is appended to the goal. Without goals, the first few numbers."""
     rows = []
     for path, node in _walk(result):
+        met = node.get("goal_met")
         for key, goal in node.items():
-            if not key.startswith("goal_") or not _scalar(goal):
+            if not key.startswith("goal_") or key == "goal_met" or not _scalar(goal):
                 continue
             target = key[len("goal_"):]
-            matches = [k for k in node if not k.startswith("goal_") and _scalar(node[k])
+            bound = "<= " if target.endswith("_at_most") else ">= " if target.endswith("_at_least") else ""
+            goal_text = bound + _fmt(goal) + ("" if not isinstance(met, bool) else " (met)" if met else " (not met)")
+            matches = [((k,), node[k]) for k in node if not k.startswith("goal_") and _scalar(node[k])
                        and (k == target or k.endswith("_" + target) or k.endswith(target))]
-            for k in matches or [target]:
-                rows.append((".".join(path + (k,)), _fmt(node[k]) if k in node else "not measured", _fmt(goal)))
+            if not matches:
+                scored = [(len(_tokens(target) & _tokens(".".join(p))), p, v) for p, v in _numbers(node)]
+                best = max((sc for sc, _, _ in scored), default=0)
+                matches = [(p, v) for sc, p, v in scored if sc == best and sc >= min(2, len(_tokens(target)))]
+            for sub, value in matches or [((target,), None)]:
+                rows.append((".".join(path + sub), "not measured" if value is None else _fmt(value), goal_text))
     if rows:
         return rows
-    numbers = [(".".join(p + (k,)), _fmt(v), "") for p, node in _walk(result) for k, v in node.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return numbers[:4]
+    return [(".".join(p), _fmt(v), "") for p, v in _numbers(result)][:4]
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool))
 
 
 def bench_table(results_dir: Path) -> str:
-    """Markdown table of bench/results/*.json: figures with their goals, the machine and the date measured."""
+    """Markdown table of bench/results/*.json: figures with their goals, the machine and the date measured
+    (stamped by bench/run_all.py; a result that only names its device shows that)."""
     lines = ["| benchmark | figure | measured | goal | machine | date |", "| --- | --- | --- | --- | --- | --- |"]
     for path in sorted(results_dir.glob("*.json")):
         try:
@@ -99,12 +119,13 @@ def bench_table(results_dir: Path) -> str:
             lines.append(f"| {path.stem} | unreadable JSON | | | | |")
             continue
         meta = result if isinstance(result, dict) else {}
-        machine, date = meta.get("machine", "not recorded"), meta.get("measured", "")
+        machine = meta.get("machine") or (f"device: {meta['device']}" if isinstance(meta.get("device"), str)
+                                          else "not recorded")
         rows = headline(result) if isinstance(result, dict) else []
         for i, (figure, value, goal) in enumerate(rows or [("(no figures)", "", "")]):
             first = i == 0
             lines.append(f"| {path.stem if first else ''} | `{figure}` | {value} | {goal} | "
-                         f"{machine if first else ''} | {date if first else ''} |")
+                         f"{machine if first else ''} | {meta.get('measured', '') if first else ''} |")
     if len(lines) == 2:
         lines.append("| (no results yet: run `make bench`) | | | | | |")
     return "\n".join(lines)
