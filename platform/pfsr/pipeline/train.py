@@ -12,8 +12,9 @@ Everything a run keeps lives under storage/name/ (local path or s3://), never on
 Every train.log_every steps ray.train.report gets the train/* metrics (mean over ranks; samples/s summed), every
 train.val_every steps rank 0 validates the EMA model (val/psnr_y), and every train.checkpoint_every steps, at
 each validation and at the end a checkpoint is reported. CheckpointConfig keeps the best by val/psnr_y beside the
-latest. After a worker or node dies, FailureConfig restarts the worker group, which resumes from
-`ray.train.get_checkpoint()`: its step, optimizer and data position (the steps after that checkpoint are redone).
+latest (checkpoints without validation rank lowest). After a worker or node dies, FailureConfig restarts the
+worker group, which resumes from `ray.train.get_checkpoint()`: its step, optimizer and data position (the steps
+after that checkpoint are redone). A run submitted again with --resume and its --name continues the same way.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ from ..models.sr import PFSRModel, build_model
 from ..train import TrainState, format_metrics, make_state, train_loop
 
 TENSORBOARD_DIR = "tensorboard"
+SCORE = "checkpoint/score"
+UNVALIDATED_SCORE = -1e9
 
 
 def log(message: str) -> None:
@@ -179,8 +182,9 @@ def train_worker(cfg: dict) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        # Checkpoints without a validation rank below validated ones (NaN), so the best is kept beside the latest.
-        metrics.setdefault(BEST_METRIC, math.nan)
+        # The score CheckpointConfig ranks by: val/psnr_y, or below any PSNR for a checkpoint without validation
+        # (finite: Ray's run snapshot stores NaN as null and then fails to restore the run).
+        metrics[SCORE] = metrics.get(BEST_METRIC, UNVALIDATED_SCORE)
         _upload_tensorboard(writer.log_dir, cfg["filesystem"], cfg["run_path"])
         with tempfile.TemporaryDirectory(prefix="pfsr-ckpt-") as folder:
             save_checkpoint_dir(folder, training_checkpoint(state, config, metrics))
@@ -213,7 +217,7 @@ def _init_ray(address: Optional[str]) -> None:
     try:
         # Ship the package to every worker: a cluster started elsewhere need not have pfsr installed, and one
         # that has it runs the code of this checkout.
-        ray.init(address=address, runtime_env={"py_modules": [pfsr]})
+        ray.init(address=address, runtime_env={"py_modules": [str(Path(pfsr.__file__).parent)]})
     except ValueError as e:
         if "Failed to merge" not in str(e):
             raise
@@ -293,7 +297,7 @@ def train(config: Config | str | Path, *, data: Optional[str] = None, val_data: 
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints,
-                checkpoint_score_attribute=BEST_METRIC if val_data else None, checkpoint_score_order="max"),
+                checkpoint_score_attribute=SCORE if val_data else None, checkpoint_score_order="max"),
         ),
     )
     log(f"run {run_uri}: stage {tc.stage}, {tc.steps} steps, {workers} {'GPU' if gpu else 'CPU'} worker(s) x "
