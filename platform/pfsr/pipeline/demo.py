@@ -46,7 +46,8 @@ from ..errors import InputError
 from ..inference import DEFAULT_CHECKPOINT, IMAGE_SUFFIXES
 
 REPO = Path(__file__).resolve().parents[3]
-TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # the diffusion stage
+TINY_ENCODER_CONFIG = REPO / "configs" / "tiny_encoder.yaml"  # its encoder stage
 # skimage.data's RGB photos (sources and licences in the README); VAL_PHOTOS are held back for validation.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle")
@@ -232,11 +233,12 @@ def split_own_images(uri: str, dest: Path) -> dict[str, int]:
 
 
 def stage_configs(out: Path, plan: Plan) -> tuple[Path, Path]:
-    """The two training stages as configs/tiny.yaml plus overrides (written to out/configs for the record)."""
+    """The two training stages, configs/tiny_encoder.yaml and configs/tiny.yaml with the demo's step counts
+    (written to out/configs for the record)."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = {"base": str(TINY_CONFIG),
-               "train": {"stage": "encoder", "steps": plan.encoder_steps, "log_every": plan.log_every,
+    encoder = {"base": str(TINY_ENCODER_CONFIG),
+               "train": {"steps": plan.encoder_steps, "log_every": plan.log_every,
                          "checkpoint_every": plan.encoder_steps}}
     # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
     diffusion = {"base": str(TINY_CONFIG), "model": {"freeze_encoder": True},
