@@ -127,8 +127,7 @@ class SRReplica:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         s, keys = self.model.scale, [str(k) for k in batch["key"]]
-        hrs = [torch.from_numpy(np.ascontiguousarray(h)).to(self.device).permute(2, 0, 1).float().div(255)
-               for h in batch["hr"]]
+        hrs = [torch.tensor(h, device=self.device).permute(2, 0, 1).float().div(255) for h in batch["hr"]]
         lrs = [degrade(hr[None], s)[0] for hr in hrs]  # the training degradation, on this device
         items = [WorkItem(lr, image_seed(self.seed, k), self.settings) for lr, k in zip(lrs, keys)]
         srs: list[Any] = [None] * len(items)
