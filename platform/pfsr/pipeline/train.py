@@ -81,13 +81,13 @@ def validate(model: PFSRModel, hr_images: list[np.ndarray], config: Config, devi
     return float(np.mean(values))
 
 
-def _reduce_metrics(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+def _reduce_metrics(metrics: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
     """Mean of every metric over the ranks, except samples/s, which is summed (the global throughput)."""
     if world_size == 1:
         return dict(metrics)
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)  # gloo: a CPU tensor is fine; nccl needs it on the GPU
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)  # nccl: on the GPU
+    dist.all_reduce(values)
     return {k: v / (1 if k == "train/samples_per_s" else world_size) for k, v in zip(keys, values.tolist())}
 
 
@@ -161,7 +161,7 @@ def train_worker(cfg: dict) -> None:
         writer.add_scalar("data/samples_seen", position["samples_seen"], start_step)
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
-        metrics = _reduce_metrics(metrics, world)
+        metrics = _reduce_metrics(metrics, world, device)
         position = loader.position()
         metrics |= {"run/start_step": start_step, "data/epoch": position["epoch"],
                     "data/samples_seen": position["samples_seen"]}
