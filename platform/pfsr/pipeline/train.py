@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import os
+import shutil
 import sys
 import tempfile
 import time
