@@ -90,6 +90,10 @@ class DataConfig:
     # LR made on the device (pfsr.degradation.DEGRADATIONS): the seed's pure bicubic, or blur + noise + JPEG.
     degradation: Literal["bicubic", "blur_noise_jpeg"] = "bicubic"
     val_images: int = 4
+    # Validation while training center-crops HR images to at most this side (0: whole images), so its time and
+    # memory stay bounded (the U-Net's attention on a whole large image may need many GB on a CPU); full-image
+    # scores come from `pfsr evaluate`.
+    val_max_size: int = 256
 
 
 @dataclass

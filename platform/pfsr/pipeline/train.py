@@ -68,12 +68,17 @@ def log(message: str) -> None:
 @torch.no_grad()
 def validate(model: PFSRModel, hr_images: list[np.ndarray], config: Config, device: torch.device) -> float:
     """Mean PSNR on Y (BasicSR: `scale` border pixels cropped) of the model's SR of the bicubic LR (quantized to
-    8 bits, as LR files are) of each HR image [H x W x 3] uint8, with the config's val sampler."""
-    s, tc = config.model.scale, config.train
+    8 bits, as LR files are) of each HR image [H x W x 3] uint8, center-cropped to data.val_max_size, with the
+    config's val sampler."""
+    s, tc, limit = config.model.scale, config.train, config.data.val_max_size
     model.eval()
     values = []
     for i, img in enumerate(hr_images):
-        img = img[: img.shape[0] // s * s, : img.shape[1] // s * s].copy()  # mod-crop
+        h, w = img.shape[:2]
+        ch, cw = (min(h, limit), min(w, limit)) if limit else (h, w)
+        ch, cw = ch // s * s, cw // s * s  # and mod-crop, as BasicSR
+        top, left = (h - ch) // 2, (w - cw) // 2
+        img = img[top:top + ch, left:left + cw].copy()
         hr = torch.from_numpy(img).permute(2, 0, 1)[None].to(device).float() / 255
         lr = to_uint8(degrade(hr, s)).float() / 255
         sr, _ = super_resolve_tiled(model, lr, method=tc.val_sampler, steps=tc.val_steps, seed=i)
