@@ -96,11 +96,19 @@ def _serve(p: argparse.ArgumentParser) -> None:
 def _sweep_c(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--data", required=True, help="train shards URI")
-    p.add_argument("--val-data", default=None)
-    p.add_argument("--values", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--val-data", default=None,
+                   help="held-out images for PSNR and the prediction error (default: data.val, else the val split "
+                        "of --data when it has one)")
+    p.add_argument("--values", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5],
+                   help="the diffusion.hybrid_c values to train, one trial each")
+    p.add_argument("--steps", type=int, default=None, help="training steps per trial (overrides train.steps)")
     p.add_argument("--out", required=True, help="output directory for the table and plot")
-    p.add_argument("--storage", default=None)
+    p.add_argument("--storage", default=None, help="Ray Tune storage (default: OUT/tune, or a temp dir for s3://)")
+    p.add_argument("--bins", type=int, default=8, help="equal-width t bins over [t_min, 1] of the prediction error")
+    p.add_argument("--error-crops", type=int, default=16, help="HR crops (data.crop) the prediction error averages")
+    p.add_argument("--max-concurrent-trials", type=int, default=1, help="0: as many as the resources allow")
+    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--ray-address", default=None)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from .config import LossConfig
-from .diffusion import hybrid_mix
+from .diffusion import VPSDE, hybrid_mix
 from .models.sr import Condition, PFSRModel
 from .sampling import ProbabilityFlowODE
 
@@ -29,6 +29,37 @@ def dsm_loss(model: PFSRModel, r0: Tensor, cond: Condition, cfg: LossConfig,
         eps_hat, _ = hybrid_mix(e, d, x_t, t, sde, model.hybrid_c)
         return F.mse_loss(eps_hat.float(), eps.float())
     return cfg.eps_weight * F.mse_loss(e.float(), eps.float()) + cfg.x0_weight * F.mse_loss(d.float(), r0.float())
+
+
+def noise_level_bins(sde: VPSDE, num_bins: int) -> Tensor:
+    """Edges [num_bins + 1] (float64) of equal-width bins of t over [t_min, 1]."""
+    return torch.linspace(sde.t_min, sde.t_max, num_bins + 1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def prediction_error(model: PFSRModel, r0: Tensor, cond: Condition, t_edges: Tensor,
+                     generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+    """Error of the hybrid prediction by noise level: what seed 000 minimizes to choose c.
+
+    At the midpoint t_k of each bin [t_edges[k], t_edges[k + 1]], x_t = alpha r0 + sigma eps (eps drawn from
+    `generator`, bin after bin) and (eps_hat, x0_hat) = model.denoise(x_t, t_k, cond), the heads mixed with the
+    model's own c. r0 [N x C x H x W] is the clean diffused variable. Returns float64 CPU tensors [K]:
+        "eps": mean ||eps_hat - eps||^2, the DSM loss of the mixed prediction (its mean over the equal-width bins
+               estimates E_t~U[t_min,1], the "mixed" DSM target),
+        "r0":  mean ||x0_hat - r0||^2 = (sigma/alpha)^2 "eps" at t_k (dominated by the noisiest bins).
+    Both compare the mixed output with targets that do not depend on c, so models with different c compare by
+    them when they see the same r0, bins and generator seed.
+    """
+    sde = model.sde
+    mids = (t_edges[:-1] + t_edges[1:]) / 2
+    eps_err, r0_err = [], []
+    for t_k in mids.tolist():
+        t = torch.full((r0.shape[0],), t_k, device=r0.device, dtype=r0.dtype)
+        eps = torch.randn(r0.shape, device=r0.device, generator=generator, dtype=r0.dtype)
+        eps_hat, x0_hat = model.denoise(sde.marginal(r0, t, eps), t, cond)
+        eps_err.append(F.mse_loss(eps_hat.double(), eps.double()))
+        r0_err.append(F.mse_loss(x0_hat.double(), r0.double()))
+    return {"eps": torch.stack(eps_err).cpu(), "r0": torch.stack(r0_err).cpu()}
 
 
 def l1_regression_loss(model: PFSRModel, lr: Tensor, hr: Tensor) -> Tensor:
