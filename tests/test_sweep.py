@@ -1,9 +1,10 @@
 """`pfsr sweep-c` (issue 8): the prediction error by noise level against its closed form, and the Ray Tune sweep
 of the hybrid constant c on `pfsr prep` shards of scikit-image's photos with configs/tiny.yaml (32 px crops, 10
-steps per trial, trials one at a time, one CPU each)."""
+steps per trial, trials one at a time, one CPU each; outputs and Tune's storage on a real S3 endpoint)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pfsr import cli
+from pfsr import cli, storage
 from pfsr.config import load_config
 from pfsr.diffusion import append_dims
 from pfsr.errors import InputError
@@ -106,14 +107,15 @@ def small_config(tmp_path_factory) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_runs_one_trial_per_c_and_picks_the_lowest_error(shards, small_config, tmp_path, capsys):
-    out = tmp_path / "sweep"
+def test_sweep_runs_one_trial_per_c_and_picks_the_lowest_error(shards, small_config, s3_bucket, capsys):
+    out, tune_storage = f"s3://{s3_bucket}/sweep", f"s3://{s3_bucket}/tune"
     assert cli.main(["sweep-c", "--config", str(small_config), "--data", shards, "--values", "1.5", "0.5", "1.0",
-                     "--steps", "10", "--out", str(out), "--error-crops", "8", "--max-concurrent-trials", "1"]) == 0
+                     "--steps", "10", "--out", out, "--storage", tune_storage, "--error-crops", "8",
+                     "--max-concurrent-trials", "1"]) == 0
     printed = capsys.readouterr().out
     assert "best c = " in printed and "<- best" in printed
 
-    report = json.loads((out / "sweep.json").read_text())
+    report = json.loads(storage.read_bytes(f"{out}/sweep.json"))
     trials = report["trials"]
     assert [t["c"] for t in trials] == [0.5, 1.0, 1.5]
     assert report["val_data"] == shards  # the val split of --data, used by default
@@ -131,12 +133,12 @@ def test_sweep_runs_one_trial_per_c_and_picks_the_lowest_error(shards, small_con
     assert len({t["loss_dsm"] for t in trials}) == 1
     assert len({t["error_eps"] for t in trials}) == 3
 
-    with open(out / "sweep.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/sweep.csv").decode())))
     assert [float(r["c"]) for r in rows] == [0.5, 1.0, 1.5]
     assert [r["best"] for r in rows].count("True") == 1 and len([k for k in rows[0] if k.startswith("error_eps_t")]) == 8
-    assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
-    assert (out / "tune").is_dir()  # Tune's own results beside them (local --out, no --storage)
+    assert storage.read_bytes(f"{out}/sweep.png").startswith(b"\x89PNG")
+    assert report["tune_path"].startswith(tune_storage + "/sweep-c-")
+    assert any(e.path.endswith("result.json") for e in storage.list_files(report["tune_path"]))  # Tune's own results
 
 
 @pytest.mark.parametrize("values, message", [([], "at least one value of diffusion.hybrid_c"),

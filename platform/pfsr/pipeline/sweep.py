@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -41,7 +42,7 @@ from ray import tune
 from .. import storage
 from ..config import Config, config_from_dict, load_config
 from ..data import list_shards, load_val_images, loader_from_config, random_crop_augment
-from ..degradation import degrade
+from ..degradation import degrade, to_uint8
 from ..diffusion import sde_from_config
 from ..errors import InputError
 from ..losses import noise_level_bins, prediction_error
@@ -61,7 +62,7 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Trial side: one Tune trial per c.
 
-def error_crops(images: Sequence[np.ndarray], n: int, crop: int, seed: int) -> np.ndarray:
+def fixed_crops(images: Sequence[np.ndarray], n: int, crop: int, seed: int) -> np.ndarray:
     """n fixed HR crops [n x 3 x crop x crop] uint8: crop i from image i mod len(images), at a position drawn from
     (seed, i); images smaller than the crop are left out."""
     usable = [img for img in images if min(img.shape[:2]) >= crop]
@@ -82,8 +83,10 @@ def measure_prediction_error(model: PFSRModel, hr_crops: np.ndarray, t_edges: to
     total = {"eps": torch.zeros(len(t_edges) - 1, dtype=torch.float64),
              "r0": torch.zeros(len(t_edges) - 1, dtype=torch.float64)}
     for start in range(0, len(hr_crops), config.data.batch_size):
-        hr = torch.from_numpy(hr_crops[start:start + config.data.batch_size]).to(device).float() / 255
-        lr = degrade(hr, config.model.scale, config.data.degradation, generator=generator)
+        # a copy: arrays from Ray's object store are read-only
+        hr = torch.tensor(hr_crops[start:start + config.data.batch_size], device=device).float() / 255
+        # 8-bit LR, as train_step and validate make it
+        lr = to_uint8(degrade(hr, config.model.scale, config.data.degradation, generator=generator)).float() / 255
         cond = model.condition(lr)
         errors = prediction_error(model, model.to_diffused(hr, cond), cond, t_edges, generator)
         for key, value in errors.items():
@@ -221,17 +224,17 @@ def _default_val(config: Config, data: str) -> Optional[str]:
 
 def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] = None,
           values: Sequence[float] = DEFAULT_VALUES, steps: Optional[int] = None, storage_uri: Optional[str] = None,
-          bins: int = 8, error_crops_n: int = 16, max_concurrent_trials: int = 1, cpus_per_trial: float = 1,
+          bins: int = 8, error_crops: int = 16, max_concurrent_trials: int = 1, cpus_per_trial: float = 1,
           gpus_per_trial: float = 0, ray_address: Optional[str] = None) -> dict[str, Any]:
     """Run the sweep on the current (or a new local) Ray cluster; returns sweep.json's content."""
     values = check_values(values)
     if not isinstance(config, Config):
         config = load_config(config, {"train.steps": steps} if steps else None)
     elif steps:
-        config = config_from_dict(config.to_dict() | {"train": config.to_dict()["train"] | {"steps": steps}})
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps)).validate()
     if config.train.stage == "encoder":
         raise InputError("train.stage: sweep-c trains the diffusion (or quality) stage; the encoder stage has no c")
-    for flag, value, minimum in (("--bins", bins, 1), ("--error-crops", error_crops_n, 1),
+    for flag, value, minimum in (("--bins", bins, 1), ("--error-crops", error_crops, 1),
                                  ("--max-concurrent-trials", max_concurrent_trials, 0)):
         if value < minimum:
             raise InputError(f"{flag} must be >= {minimum}, got {value}")
@@ -250,9 +253,9 @@ def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] 
     filesystem, storage_path = storage.resolve(storage_uri)
 
     # The same crops, noise and validation images for every c: read once here, shipped through the object store.
-    images = load_val_images(val_data or data, limit=max(error_crops_n, config.data.val_images),
+    images = load_val_images(val_data or data, limit=max(error_crops, config.data.val_images),
                              split="val" if val_data else "train")
-    crops = error_crops(images, error_crops_n, config.data.crop, config.train.seed)
+    crops = fixed_crops(images, error_crops, config.data.crop, config.train.seed)
     val_images = images[:config.data.val_images] if val_data else []
     t_edges = noise_level_bins(sde_from_config(config.diffusion), bins).tolist()
 
@@ -264,13 +267,14 @@ def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] 
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     name = f"sweep-c-{time.strftime('%Y%m%d-%H%M%S')}"
     tuner = tune.Tuner(trainable, param_space={"c": tune.grid_search(values)},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or None),
+                       tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or None,
+                                                   reuse_actors=True),  # no process start and imports per trial
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                                                  verbose=1))
     source = f"{len(crops)} {'held-out' if val_data else 'training'} HR crops of {config.data.crop} px"
     log(f"{len(values)} trials (c = {', '.join(f'{v:g}' for v in values)}), {config.train.steps} steps each, "
         f"{max_concurrent_trials or 'any number'} at a time; prediction error on {source}, {bins} t bins; "
-        f"val PSNR on {len(val_images)} images; Tune storage {storage.join(storage_uri, name)}")
+        f"val PSNR on {len(val_images)} image(s); Tune storage {storage.join(storage_uri, name)}")
     grid = tuner.fit()
 
     trials = sorted((_trial_row(r) for r in grid), key=lambda t: t["c"])
@@ -302,7 +306,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     report = sweep(args.config, data=args.data, out=args.out, val_data=args.val_data, values=args.values,
-                   steps=args.steps, storage_uri=args.storage, bins=args.bins, error_crops_n=args.error_crops,
+                   steps=args.steps, storage_uri=args.storage, bins=args.bins, error_crops=args.error_crops,
                    max_concurrent_trials=args.max_concurrent_trials, cpus_per_trial=args.cpus_per_trial,
                    gpus_per_trial=args.gpus_per_trial, ray_address=args.ray_address)
     print(format_table(report))
