@@ -10,7 +10,8 @@ with 6 evaluations or fewer (dpmpp_2m), 4 with the higher-order solver (unipc).
 Each HR photo is centre-cropped to --crop (0: whole, rounded down to the model's size multiple), degraded with
 the seed's bicubic x scale, and super-resolved one image at a time, from the same x_T (seed = image index) for
 every solver. Needs an exported checkpoint (`pfsr export`); without --checkpoint, the shipped
-models/pfsr_x4_small.pt; without --images, scikit-image's bundled photos.
+models/pfsr_x4_small.pt; without --images, the scikit-image photos that `pfsr demo` and the shipped model hold
+back from training (chelsea, coffee).
 
     python bench/quality_vs_nfe.py --checkpoint ckpt.pt --images photos/ [--lpips-weights vgg16-397923af.pth]
 
@@ -37,7 +38,7 @@ from pfsr.metrics import image_metrics, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.quality_vs_nfe")
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+SKIMAGE_PHOTOS = ("chelsea", "coffee")  # pfsr.pipeline.demo.VAL_PHOTOS: never trained on
 WITHIN_DB = 0.1
 GOAL_NFE = {"dpmpp_2m": 6, "unipc": 4}
 NFE_TICKS = (4, 6, 10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -56,7 +57,7 @@ def load_photos(folder: Optional[Path], limit: int) -> dict[str, np.ndarray]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise InputError(f"--images {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return {p.stem: decode_image(p.read_bytes(), str(p), max_pixels=None).rgb for p in files}
+    return {p.stem: decode_image(p.read_bytes(), str(p)).rgb for p in files}
 
 
 def centre_crop(rgb: np.ndarray, size: int, multiple: int) -> np.ndarray:
@@ -154,7 +155,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="exported serving checkpoint")
-    ap.add_argument("--images", type=Path, default=None, help="folder of HR photos (default: scikit-image's)")
+    ap.add_argument("--images", type=Path, default=None, help="folder of HR photos (default: scikit-image's held-back ones)")
     ap.add_argument("--lpips-weights", default=None, help="VGG16 backbone for LPIPS (torchvision's vgg16-397923af.pth)")
     ap.add_argument("--crop", type=int, default=128, help="HR centre crop side (0: whole images)")
     ap.add_argument("--max-images", type=int, default=4)

@@ -9,7 +9,7 @@ ms_per_nfe shows whether the machine's load changed between solvers. The few-ste
 with pf_ode's (RMSE of the diffused variable; the SDE's sample is a different draw, so it has none).
 One torch thread by default: on a shared 2-core machine more threads make timings swing with other jobs' load.
 
-    python bench/sampler_time.py [--batch 2] [--hr-size 64] [--sde-steps 1000] [--threads 1]
+    python bench/sampler_time.py [--batch 2] [--hr-size 64] [--sde-steps 1000] [--threads 1] [--device cuda]
 
 Prints one JSON object and writes it to bench/results/sampler_time.json.
 """
@@ -57,9 +57,17 @@ def hr_batch(batch: int, size: int) -> torch.Tensor:
     return torch.stack([img[:, 100:100 + size, i * step:i * step + size] for i in range(batch)])
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(method: str, eps_fn, x0_fn, x_T, sde, **kwargs) -> tuple[torch.Tensor, dict]:
+    synchronize(x_T.device)
     t0 = time.perf_counter()
-    res = sample(eps_fn, x_T, sde, method=method, x0_fn=x0_fn, generator=torch.Generator().manual_seed(0), **kwargs)
+    res = sample(eps_fn, x_T, sde, method=method, x0_fn=x0_fn,
+                 generator=torch.Generator(x_T.device).manual_seed(0), **kwargs)
+    synchronize(x_T.device)
     seconds = time.perf_counter() - t0
     log.info("%s %s: %.2f s, %d NFE", method, kwargs, seconds, res.nfe)
     return res.x, {"wall_s": round(seconds, 3), "nfe": res.nfe, "ms_per_nfe": round(1000 * seconds / res.nfe, 1),
@@ -74,19 +82,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--few-steps", type=int, default=10, help="steps of dpmpp_2m and unipc")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sampler_time.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = perturbed_tiny_model(args.seed)
-    hr = hr_batch(args.batch, args.hr_size)
+    device = torch.device(args.device)
+    model = perturbed_tiny_model(args.seed).to(device)
+    hr = hr_batch(args.batch, args.hr_size).to(device)
     with torch.no_grad():
         cond = model.condition(degrade(hr, model.scale))
         eps_fn, x0_fn = model.denoiser_fns(cond)
-        x_T = torch.randn(hr.shape, generator=torch.Generator().manual_seed(args.seed))
-        eps_fn(x_T, torch.ones(args.batch))  # warm-up: first-call allocations out of the timings
+        x_T = torch.randn(hr.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        eps_fn(x_T, torch.ones(args.batch, device=device))  # warm-up: first-call allocations out of the timings
         samplers = {}
         ref, samplers["pf_ode"] = run("pf_ode", eps_fn, x0_fn, x_T, model.sde, rtol=1e-4, atol=1e-4)
         _, samplers["sde"] = run("sde", eps_fn, x0_fn, x_T, model.sde, steps=args.sde_steps)
@@ -99,7 +109,8 @@ def main(argv=None) -> dict:
         "benchmark": "sampler_time",
         "model": "configs/tiny.yaml, random init, zero-initialised convs redrawn N(0, 1/fan_in) (untrained)",
         "input": f"{args.batch} x 3 x {args.hr_size} x {args.hr_size} HR crops of skimage astronaut, x{model.scale}",
-        "device": f"cpu ({platform.machine()}), {torch.get_num_threads()} torch threads",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.machine()}), {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
         "samplers": samplers,
         "pf_ode_time_saving_vs_sde_pct": round(100 * (1 - pf["wall_s"] / sde_row["wall_s"]), 1),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config
-from .degradation import degrade
+from .degradation import degrade, to_uint8
 from .losses import TrainingObjective
 from .models.sr import PFSRModel
 
@@ -82,7 +82,8 @@ def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Conf
     input is made here, on the device. Returns train/* metrics (losses, lr, grad_norm).
     """
     tc, lc = config.train, config.loss
-    lr_img = degrade(hr, config.model.scale)
+    # 8-bit LR, as the LR files of the data sets (and every LR input at inference) are.
+    lr_img = to_uint8(degrade(hr, config.model.scale, config.data.degradation, generator)).float() / 255
     with_quality = (tc.stage == "quality" or lc.quality_weight > 0) and state.step % lc.quality_every == 0
     use_bf16 = tc.bf16 and hr.device.type == "cuda"
     with torch.autocast(device_type=hr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
