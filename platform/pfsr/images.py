@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -62,7 +63,7 @@ def is_image_name(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _open(data: bytes, name: str, max_pixels: int, min_size: int) -> tuple[Image.Image, ImageHeader]:
+def _open(data: bytes, name: str, max_pixels: Optional[int], min_size: int) -> tuple[Image.Image, ImageHeader]:
     if not data:
         raise ImageRejected(name, "empty file (0 bytes)")
     try:
@@ -77,7 +78,7 @@ def _open(data: bytes, name: str, max_pixels: int, min_size: int) -> tuple[Image
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageRejected(name, f"unreadable image header: {_one_line(e)}") from None
     w, h = img.size
-    if w * h > max_pixels:
+    if max_pixels is not None and w * h > max_pixels:
         raise ImageRejected(name, f"too many pixels: {w}x{h} = {w * h} is more than the maximum {max_pixels} "
                                   "(decompression-bomb guard; raise --max-pixels to accept it)")
     orientation = _orientation(img)
@@ -115,8 +116,9 @@ def read_header(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return _open(data, name, max_pixels, min_size)[1]
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_size: int = 1) -> DecodedImage:
-    """Encoded bytes -> DecodedImage (8-bit sRGB, EXIF orientation applied); raises ImageRejected.
+def decode_image(data: bytes, name: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, *, min_size: int = 1) -> DecodedImage:
+    """Encoded bytes -> DecodedImage (8-bit sRGB, EXIF orientation applied); raises ImageRejected. max_pixels
+    None: no limit (files the caller chose, e.g. `pfsr upscale`).
 
     Converted with a note: ICC profiles other than sRGB (to sRGB), CMYK, 16-bit, palette, grayscale, alpha
     (split off into `alpha`), multi-frame files (first frame).
