@@ -60,12 +60,14 @@ def _flat_grads(params) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in params])
 
 
-def test_adjoint_gradients_match_backprop_through_rk4(hr_crops):
+@pytest.mark.parametrize("solver", [dict(quality_solver="rk4", quality_steps=20),
+                                    dict(quality_solver="dopri5", quality_rtol=1e-7, quality_atol=1e-7)])
+def test_adjoint_gradients_match_backprop_through_the_solver(hr_crops, solver):
     """odeint_adjoint's gradients (U-Net parameters, and the encoder's through the feature tensor) equal
-    backprop through the same K fixed RK4 steps, in float64. They differ by the adjoint's own discretisation
-    error (its backward RK4 solve of the state and the adjoint), which shrinks about as h^3 here: relative 1.2e-3
-    at K = 10, 1.4e-4 at K = 20."""
-    config = tiny_config(quality_solver="rk4", quality_steps=20)
+    backprop through the same solver steps (K fixed RK4 steps, or dopri5's accepted steps ending on t_min), in
+    float64. They differ by the adjoint's own discretisation error (its backward solve of the state and the
+    adjoint), which for RK4 shrinks about as h^3 here: relative 1.2e-3 at K = 10, 1.4e-4 at K = 20."""
+    config = tiny_config(**solver)
     model = tiny_model(config).double()
     assert not model.freeze_encoder
     distance = LaplacianPyramidDistance().double()
@@ -186,3 +188,11 @@ def test_hybrid_c_enters_only_the_mixed_target(hr_crops):
         torch.testing.assert_close(err, sde.abar(t) ** c * eps.flatten(1).norm(dim=1))
         errors.append(err)
     assert (errors[0] > errors[1]).all() and (errors[1] > errors[2]).all()
+
+
+def test_describe_quality_names_the_features_in_use():
+    off = TrainingObjective(tiny_model(tiny_config()), tiny_config().loss, "diffusion")
+    assert off.describe_quality() == "off"
+    config = tiny_config(quality_weight=0.5, quality_features="laplacian", quality_solver="rk4", quality_steps=4)
+    on = TrainingObjective(tiny_model(config), config.loss, "quality").describe_quality()
+    assert "Laplacian pyramid L1 (weight-free)" in on and "rk4, 4 steps" in on and "weight 0.5" in on

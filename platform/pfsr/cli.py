@@ -9,7 +9,8 @@ import sys
 from .config import ConfigError
 from .errors import InputError
 
-SAMPLER_HELP = "pf_ode (adaptive dopri5), sde (Euler-Maruyama), dpmpp_2m, unipc (few-step data-prediction solvers)"
+SAMPLER_HELP = ("pf_ode (adaptive dopri5), sde (Euler-Maruyama), dpmpp_2m (log-SNR steps), dpmpp_2m_quadratic "
+                "(time-quadratic steps), unipc (few-step data-prediction solvers)")
 
 
 def _upscale(p: argparse.ArgumentParser) -> None:

@@ -144,13 +144,17 @@ def solve_pf_ode_adjoint(model: PFSRModel, cond: Condition, x_T: Tensor, cfg: Lo
         # the adjoint pass reuses method and options: the same K steps backwards
         kwargs = dict(method="rk4", options={"grid_constructor": uniform_grid(cfg.quality_steps)})
     else:
-        kwargs = dict(method="dopri5", rtol=cfg.quality_rtol, atol=cfg.quality_atol)
+        # step_t: the last step ends on t_min instead of stepping below it (sigma is NaN at t < 0) and
+        # interpolating back; the backward pass runs up from t_min, where overshooting t = 1 is harmless.
+        kwargs = dict(method="dopri5", rtol=cfg.quality_rtol, atol=cfg.quality_atol, options={"step_t": t_span[1:]})
     if not adjoint:
         return odeint(func, x_T, t_span, **kwargs)[-1]
     adjoint_params = tuple(p for p in model.unet.parameters() if p.requires_grad)
     if cond.features.requires_grad:
         adjoint_params += (cond.features,)
-    return odeint_adjoint(func, x_T, t_span, adjoint_params=adjoint_params, **kwargs)[-1]
+    adjoint_options = {} if cfg.quality_solver == "dopri5" else None  # None: the forward's options
+    return odeint_adjoint(func, x_T, t_span, adjoint_params=adjoint_params, adjoint_options=adjoint_options,
+                          **kwargs)[-1]
 
 
 def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Module, cfg: LossConfig,
@@ -182,6 +186,18 @@ class TrainingObjective(nn.Module):
         self.distance = build_quality_distance(cfg) if needs_quality and stage != "encoder" else None
         if self.distance is not None:
             self.distance.requires_grad_(False)
+
+    def describe_quality(self) -> str:
+        """Which image-quality loss runs (for logs): features, solver, weight, or that there is none."""
+        if self.distance is None:
+            return "off"
+        c = self.cfg
+        features = ("VGG19 relu5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
+                    else "Laplacian pyramid L1 (weight-free)")
+        solver = f"rk4, {c.quality_steps} steps" if c.quality_solver == "rk4" else \
+            f"dopri5, rtol {c.quality_rtol:g}"
+        return f"{features}; PF-ODE by the adjoint method ({solver}); weight {c.quality_weight:g} every " \
+               f"{c.quality_every} step(s)"
 
     def forward(self, hr: Tensor, lr: Tensor, with_quality: bool = False,
                 generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:

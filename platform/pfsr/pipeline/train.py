@@ -151,7 +151,8 @@ def train_worker(cfg: dict) -> None:
     positions = state.data_position.get("ranks") or [None]
     loader = loader_from_config(config, cfg["data"], rank=rank, world_size=world,
                                 position=positions[min(rank, len(positions) - 1)])
-    objective: torch.nn.Module = TrainingObjective(state.model, config.loss, tc.stage).to(device)
+    objective_core = TrainingObjective(state.model, config.loss, tc.stage).to(device)
+    objective: torch.nn.Module = objective_core
     if world > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -162,6 +163,7 @@ def train_worker(cfg: dict) -> None:
         position = loader.position()
         log(f"{'resumed at' if start_step else 'starting at'} step {start_step}/{tc.steps} on {world} worker(s), "
             f"{device}, data epoch {position['epoch']} after {position['samples_seen']} samples of rank 0")
+        log(f"{tc.stage} stage; image-quality loss: {objective_core.describe_quality()}")
         writer.add_scalar("run/start_step", start_step, start_step)
         writer.add_scalar("data/samples_seen", position["samples_seen"], start_step)
 
