@@ -76,8 +76,9 @@ class Plan:
     workers: int = 2
 
 
-# FULL: 10-11 minutes on a 2-core machine shared with other jobs (load average ~7), most of it training.
-FULL = Plan(encoder_steps=150, diffusion_steps=200, log_every=10, val_every=50, val_patch=128, eval_limit=3,
+# FULL: about 9 minutes on a quiet 2-core machine without a GPU (9 min 50 s with 200 diffusion steps), most of it
+# training; on a machine shared with other jobs (load average 7 to 13) up to 15.
+FULL = Plan(encoder_steps=150, diffusion_steps=160, log_every=10, val_every=40, val_patch=128, eval_limit=3,
             few_steps=(4, 10), serve_lr=48)
 QUICK = Plan(encoder_steps=10, diffusion_steps=10, log_every=2, val_every=10, val_patch=64, eval_limit=1,
              few_steps=(10,), serve_lr=16)
