@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 # Without a GPU pin the CPU build of torch; with one, pip takes the default (CUDA) build.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints/cpu.txt)
+# Where the CPU build comes from when PyPI's default torch would be the CUDA one:
+#   make install TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_CPU_INDEX ?=
+CPU_INDEX := $(if $(HAS_GPU),,$(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX),))
 DATA ?=
 
 .PHONY: install test demo bench docs clean
@@ -14,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) $(CPU_INDEX) -e ".[dev]"
 	# lpips only for its released linear-layer weights: its metadata requires torchvision, which is never installed here.
 	$(BIN)/python -m pip install -q --no-deps lpips==0.1.4
 	touch $@
