@@ -146,7 +146,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"PF-SR x{result['scale']}: quality vs NFE ({result['images']} images, {result['hr_crop']} px HR)")
+    crop = "whole" if result["hr_crop"] == "whole" else f"{result['hr_crop']} px crops"
+    fig.suptitle(f"PF-SR x{result['scale']}: quality vs NFE ({result['images']} images, HR {crop})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
