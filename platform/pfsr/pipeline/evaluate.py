@@ -89,6 +89,9 @@ def read_unit(row: dict[str, Any], *, kind: str, root: str, scale: int) -> Itera
         yield {"key": key, "hr": np.ascontiguousarray(hr[:h, :w]), "grid": row["index"] + i < GRID_IMAGES}
 
 
+EVAL_BLOCK_BYTES = 1 << 20
+
+
 def build_dataset(kind: str, units: list[str], *, data: str, scale: int, limit: Optional[int]):
     import ray
 
@@ -334,6 +337,9 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
              backbone["source"] or f"null ({backbone['reason']})")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # --limit and the grids take the first images in data order
+    # About one image per block: a shard (or a few files) read as one block would feed one replica only, while an
+    # image's SR takes seconds, so small blocks cost nothing.
+    ctx.target_max_block_size = EVAL_BLOCK_BYTES
     serve_cfg = config.get("serve", {})
     ds = build_dataset(kind, units, data=data, scale=ckpt_scale, limit=limit)
     ds = ds.map_batches(
