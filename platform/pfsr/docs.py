@@ -78,10 +78,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+HEADLINE_WORDS = {"ratio", "speedup", "over"}
+
+
 def headline(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(figure, value, goal) rows of a benchmark JSON. Every `goal_X` key is paired with the measured figure it
     names: the key X itself or one ending in X beside it, else the number below it whose path shares the most
-    words with X; a `goal_met` beside it is appended to the goal. Without goals, the first few numbers."""
+    words with X; a `goal_met` beside it is appended to the goal. Without goals, the first few numbers, ratios
+    and speed-ups first (with a plain top-level `goal` text beside the first)."""
     rows = []
     for path, node in _walk(result):
         met = node.get("goal_met")
@@ -101,7 +105,9 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 rows.append((".".join(path + sub), "not measured" if value is None else _fmt(value), goal_text))
     if rows:
         return rows
-    return [(".".join(p), _fmt(v), "") for p, v in _numbers(result)][:4]
+    numbers = sorted(_numbers(result), key=lambda pv: not HEADLINE_WORDS & _tokens(".".join(pv[0])))  # stable
+    goal = result.get("goal") if _scalar(result.get("goal")) else ""
+    return [(".".join(p), _fmt(v), str(goal) if i == 0 else "") for i, (p, v) in enumerate(numbers[:4])]
 
 
 def _scalar(value: Any) -> bool:
