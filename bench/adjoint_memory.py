@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from _common import write_result
 from pfsr.degradation import degrade
 from pfsr.losses import LaplacianPyramidDistance, quality_loss
 from pfsr.train import set_trainable
@@ -144,10 +145,7 @@ def main(argv=None) -> dict:
         "goal_met": growth["adjoint"] <= GOAL_GROWTH,
         "runs": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing
 import os
 import tempfile
@@ -25,20 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _common import PHOTOS, load_photos, write_result
 from pfsr import images
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "stereo_motorcycle"]
 
 
 def make_images(folder: Path, copies: int) -> list[Path]:
-    from skimage import data
-
     paths = []
-    for name in PHOTOS:
-        img = getattr(data, name)()
-        img = img[0] if isinstance(img, tuple) else img
+    for name, img in zip(PHOTOS, load_photos()):
         for k in range(copies):
             variant = np.rot90(img[:, ::-1] if k % 2 else img, k // 2)
             path = folder / f"{name}_{k}.png"
@@ -109,10 +103,7 @@ def main(argv=None) -> dict:
         "ratio": round(bound_s / prep_s, 3),
         "goal_ratio": ">= 0.8",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,34 +14,25 @@ Prints one JSON object and writes it to bench/results/ddp_scaling.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import ray
-from PIL import Image
 
+from _common import save_photos, write_result
 import pfsr
 from pfsr.config import load_config
 from pfsr.pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "stereo_motorcycle"]
 LOG_EVERY = 5
 
 
 def make_shards(folder: Path) -> Path:
-    from skimage import data
-
     from pfsr.pipeline.prep import prep
 
-    src = folder / "photos"
-    src.mkdir()
-    for name in PHOTOS:
-        img = getattr(data, name)()
-        Image.fromarray(img[0] if isinstance(img, tuple) else img).save(src / f"{name}.png")
+    src = save_photos(folder)
     prep(str(src), str(folder / "shards"), patch=128, step=128, min_shards=8)
     return folder / "shards"
 
@@ -94,10 +85,7 @@ def main(argv=None) -> dict:
         "note": "one core per worker; on a loaded machine 2 worker processes also win a larger share of the "
                 "contended cores than 1 does, which flatters the ratio",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

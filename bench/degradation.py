@@ -14,7 +14,6 @@ Prints one JSON object and writes it to bench/results/degradation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -23,23 +22,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _common import load_photos, write_result
 from pfsr.config import load_config
 from pfsr.degradation import degrade, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "stereo_motorcycle"]
 
 
 def crops(n: int, size: int, seed: int = 0) -> np.ndarray:
     """[n x size x size x 3] uint8 random crops of the scikit-image photos."""
-    from skimage import data
-
     rng = np.random.default_rng(seed)
-    photos = []
-    for name in PHOTOS:
-        img = getattr(data, name)()
-        photos.append(img[0] if isinstance(img, tuple) else img)
+    photos = load_photos()
     out = []
     for i in range(n):
         img = photos[i % len(photos)]
@@ -144,10 +137,7 @@ def main(argv=None) -> dict:
                          "mae_vs_pillow_per_255": mae(degrade(hr_gpu, args.scale))}
     else:
         result["gpu"] = {"device": "none on this machine", "goal_throughput_vs_pillow": ">= 50"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Prints one JSON object and writes it to bench/results/eval_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -24,6 +23,7 @@ import ray
 import torch
 from PIL import Image
 
+from _common import load_photos, write_result
 from pfsr.pipeline.batching import SolverSettings
 from pfsr.pipeline.evaluate import evaluate
 from serve_load import tiny_checkpoint
@@ -35,10 +35,9 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 
 def write_crops(folder: Path, n: int, size: int) -> None:
     """n size x size HR crops, taken in turn from the photos at spread-out positions."""
-    from skimage import data
-
+    photos = load_photos(PHOTOS)
     for i in range(n):
-        img = getattr(data, PHOTOS[i % len(PHOTOS)])()
+        img = photos[i % len(photos)]
         k = i // len(PHOTOS)
         y = min(img.shape[0] - size, 30 + 67 * k)
         x = min(img.shape[1] - size, 50 + 89 * k)
@@ -90,7 +89,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    out = main()
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    write_result(main(), RESULT)

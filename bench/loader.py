@@ -13,33 +13,25 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from _common import save_photos, write_result
 from pfsr.config import load_config
 from pfsr.data import loader_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "stereo_motorcycle"]
 
 
 def make_shards(folder: Path) -> Path:
     import ray
-    from skimage import data
 
     from pfsr.pipeline.prep import prep
 
-    src = folder / "photos"
-    src.mkdir()
-    for name in PHOTOS:
-        img = getattr(data, name)()
-        Image.fromarray(img[0] if isinstance(img, tuple) else img).save(src / f"{name}.png")
+    src = save_photos(folder)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         prep(str(src), str(folder / "shards"), patch=256, step=128)
@@ -100,10 +92,7 @@ def main(argv=None) -> dict:
         "ratio": round(loader_sps / train_sps, 1),
         "goal_ratio": ">= 5",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

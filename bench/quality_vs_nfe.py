@@ -20,7 +20,6 @@ Prints one JSON object and writes bench/results/quality_vs_nfe.json and the plot
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from _common import load_photos as skimage_photos, write_result
 from pfsr.checkpoint import load_model
 from pfsr.degradation import degrade, to_uint8
 from pfsr.errors import InputError
@@ -47,9 +47,8 @@ NFE_TICKS = (4, 6, 10, 20, 50, 100, 200, 500, 1000, 2000)
 def load_photos(folder: Optional[Path], limit: int) -> dict[str, np.ndarray]:
     """name -> HxWx3 uint8 RGB: the image files of `folder` (sorted), or scikit-image's photos."""
     if folder is None:
-        from skimage import data
-
-        return {name: getattr(data, name)() for name in SKIMAGE_PHOTOS[:limit]}
+        names = SKIMAGE_PHOTOS[:limit]
+        return dict(zip(names, skimage_photos(names)))
     from pfsr.images import decode_image
 
     if not folder.is_dir():
@@ -218,9 +217,7 @@ def main(argv=None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(result, args.out.with_suffix(".png"))
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

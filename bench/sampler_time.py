@@ -16,7 +16,6 @@ Prints one JSON object and writes it to bench/results/sampler_time.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import write_result
 from pfsr.config import load_config
 from pfsr.degradation import degrade
 from pfsr.models import build_model
@@ -117,10 +117,7 @@ def main(argv=None) -> dict:
         "pf_ode_nfe_saving_vs_sde_pct": round(100 * (1 - pf["nfe"] / sde_row["nfe"]), 1),
         "goal_time_saving_vs_sde_pct": "75-80 (seed)",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

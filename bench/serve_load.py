@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import socket
 import statistics
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from _common import write_result
 from pfsr.checkpoint import save, serving_checkpoint, training_checkpoint
 from pfsr.config import ServeConfig, load_config
 from pfsr.models.sr import build_model
@@ -174,7 +174,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    out = main()
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    write_result(main(), RESULT)
