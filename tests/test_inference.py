@@ -91,3 +91,98 @@ def test_upscale_cli_uses_the_shipped_model(photos, tmp_path):
     assert psnr(sr, hr, 4, test_y_channel=True) > psnr(bicubic, hr, 4, test_y_channel=True) - 1.5
     same = pfsr.upscale(Image.open(tmp_path / "in" / "cat.png"), device="cpu")
     assert np.array_equal(np.asarray(same), sr)  # the Python function: same model, sampler and seed
+
+
+def test_tiles_are_placed_and_normalized_exactly():
+    """The tiling engine with a pointwise solve (nearest x2): any tiles, overlaps, batches and padding give back
+    exactly the nearest upsampling of the whole image."""
+    from pfsr.inference import _over_tiles
+
+    img = torch.rand(1, 3, 13, 29)
+    expected = torch.nn.functional.interpolate(img, scale_factor=2, mode="nearest")
+    for tile, overlap, batch in [(8, 3, 2), (12, 6, 1), (16, 0, 5), (64, 8, 1)]:
+        out, _ = _over_tiles(img, lambda t, first: (torch.nn.functional.interpolate(t, scale_factor=2), 0), scale=2,
+                             multiple=4, tile=tile, overlap=overlap, batch=batch, progress=None)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_seam_blends_linearly_over_the_overlap():
+    """Two tiles of 16 overlapping by 8, one solved to 0 and one to 1: across the overlap the output rises as the
+    ratio of the linear ramps, w_B / (w_A + w_B) = (j - 7) / 9 at column j (hand-derived)."""
+    from pfsr.inference import _over_tiles
+
+    calls = []
+
+    def solve(tiles, first):
+        calls.append((first, tiles.shape[0]))
+        return torch.stack([torch.full_like(t, float(first + i)) for i, t in enumerate(tiles)]), 0
+
+    out, _ = _over_tiles(torch.rand(1, 1, 8, 24), solve, scale=1, multiple=1, tile=16, overlap=8, batch=1,
+                         progress=None)
+    row = [0.0] * 8 + [(j - 7) / 9 for j in range(8, 16)] + [1.0] * 8
+    torch.testing.assert_close(out[0, 0], torch.tensor([row] * 8), atol=1e-6, rtol=0)
+    assert calls == [(0, 1), (1, 1)]
+
+
+def test_one_tile_is_the_untiled_solve_and_batches_do_not_change_tiles(model, photos):
+    """A tile that covers the image is exactly `super_resolve` (deterministic sampler); a tiled image is the same
+    whether its tiles are solved one at a time or all together, and reports its progress per batch."""
+    lr = torch.from_numpy(photos["coffee"][100:124, 200:240]).permute(2, 0, 1)[None].float() / 255  # 24 x 40
+    whole, nfe = super_resolve_tiled(model, lr, tile=64, method="dpmpp_2m", steps=2)
+    direct, direct_nfe = super_resolve(model, lr, method="dpmpp_2m", steps=2, seeds=[0])
+    assert nfe == direct_nfe and torch.equal(whole, direct.clamp(0, 1))
+    seen = []
+    one, nfe_one = super_resolve_tiled(model, lr, tile=16, overlap=4, method="dpmpp_2m", steps=2, tile_batch=1,
+                                       progress=lambda done, total: seen.append((done, total)))
+    all_, nfe_all = super_resolve_tiled(model, lr, tile=16, overlap=4, method="dpmpp_2m", steps=2, tile_batch=64)
+    assert seen == [(i, 6) for i in range(1, 7)]  # 2 x 3 tiles of 16 with stride 12 over 24 x 40
+    assert nfe_one == 6 * nfe_all
+    torch.testing.assert_close(one, all_, atol=1e-5, rtol=0)
+    assert (one - whole).abs().max() > 1e-3  # the tiled sample differs (its own seeds and borders)
+
+
+def test_memory_plan_shrinks_the_tile_and_rejects_what_cannot_fit(model):
+    from pfsr.errors import InputError
+    from pfsr.inference import IMAGE_BYTES_PER_PIXEL, RUNTIME_MB, plan_tiles, tile_bytes
+
+    s = model.scale
+    roomy = plan_tiles(model, 100, 100, tile=64, memory_budget_mb=1e6)
+    assert roomy.tile == 64 and roomy.batch > 100
+    # room for a 40 x 40 image's buffers and one tile of 16 beside the runtime, not for one of 32: the tile halves
+    # twice
+    t16, t32, image = tile_bytes(model, 16 * s, 16 * s), tile_bytes(model, 32 * s, 32 * s), IMAGE_BYTES_PER_PIXEL * 160**2
+    assert image < t32 - t16
+    budget = RUNTIME_MB + (t16 + image + (t32 - t16 - image) / 2) / 2**20
+    assert plan_tiles(model, 40, 40, tile=64, memory_budget_mb=budget).tile == 16
+    with pytest.raises(InputError, match="serve.memory_budget_mb"):
+        plan_tiles(model, 20000, 20000, tile=64, memory_budget_mb=2048)
+
+
+def test_tile_memory_estimate_bounds_the_measured_peak(tmp_path):
+    """tile_bytes against the peak RSS of one network evaluation of a batch of tiles (configs/tiny.yaml's U-Net,
+    with attention), in a fresh process: at most the estimate, at least a third of it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import json, resource, sys, torch
+from pfsr.config import load_config
+from pfsr.inference import process_rss_bytes, tile_bytes
+from pfsr.models import build_model
+torch.set_num_threads(1)
+m = build_model(load_config(sys.argv[1])).eval()
+lr = torch.rand(2, 3, 64, 64)
+with torch.no_grad():
+    cond = m.condition(lr)
+    x = torch.randn_like(cond.upsampled)
+    before = process_rss_bytes()
+    m.denoise(x, torch.full((2,), 0.5), cond)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"used": peak - before, "estimate": 2 * tile_bytes(m, 256, 256)}))
+"""
+    config = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    out = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["estimate"] / 3 < found["used"] <= found["estimate"], found

@@ -78,3 +78,26 @@ def test_core_imports_no_ray():
             "        if e.name != m: raise\n"
             "assert 'ray' not in sys.modules, [k for k in sys.modules if k.startswith('ray')]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_attention_is_softmax_attention_in_the_fused_kernel():
+    """The fused (flash) SDPA kernel accepts the block's q, k, v (the math kernel would hold the HW x HW matrix:
+    GBs on a photo tile), and the block computes x + proj(softmax(q k^T / sqrt(d)) v) (float64 reference)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pfsr.models.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(channels=16, num_heads=2).eval()
+    torch.nn.init.normal_(block.proj.weight, std=0.2)
+    x = torch.randn(2, 16, 6, 5)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = block(x)
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x).reshape(2, 16, 30)).double()  # [N x 3C x HW]
+    q, k, v = qkv.reshape(2, 3, 2, 8, 30).unbind(1)  # [N x heads x C/heads x HW]
+    weights = torch.softmax(torch.einsum("nhci,nhcj->nhij", q, k) / 8 ** 0.5, dim=-1)
+    attended = torch.einsum("nhij,nhcj->nhci", weights, v).reshape(2, 16, 30)
+    expected = x.double() + torch.nn.functional.conv1d(attended, block.proj.weight.double(),
+                                                       block.proj.bias.double()).reshape(2, 16, 6, 5)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -23,6 +23,8 @@ def _upscale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="LR tile size for large images (default: config)")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="peak memory of this process, MB: tiles solved together follow (default: serve.memory_budget_mb)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
@@ -79,6 +81,10 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="model replicas in the Ray Data actor pool")
     p.add_argument("--gpus-per-replica", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="peak memory per replica, MB: tiles solved together follow (default: serve.memory_budget_mb)")
+    p.add_argument("--max-restarts", type=int, default=2,
+                   help="a replica that dies (killed for memory) is restarted this often, then the run fails")
     p.add_argument("--lpips-weights", default=None, help="VGG16 backbone (torchvision's vgg16-397923af.pth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",

@@ -127,6 +127,10 @@ class ServeConfig:
     max_pixels: int = 512 * 512  # input pixels
     tile: int = 128  # input tile size for large images (LR pixels)
     tile_overlap: int = 16
+    # Peak resident memory of one process that super-resolves (`pfsr upscale`, an evaluate or Serve replica), MB:
+    # the tiles solved together follow from it (and the tile shrinks when one does not fit), so memory stays
+    # bounded at any image size; about 768 MB of it is the runtime and the model.
+    memory_budget_mb: int = 2048
     size_bucket: int = 16  # LR sides padded up to a multiple of this, so that near sizes share a batch
     max_nfe: int = 200  # network evaluations per request (all its tiles); more -> 400
     max_seconds: float = 120.0  # solver time per request; more -> 503

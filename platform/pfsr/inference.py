@@ -3,10 +3,13 @@ alpha re-attached. Used by `pfsr upscale`, `pfsr.upscale`, evaluation and the Se
 from __future__ import annotations
 
 import logging
+import math
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from .config import ServeConfig
 from .degradation import upsample
 from .errors import InputError
 from .models.sr import PFSRModel
@@ -88,38 +92,135 @@ def _blend_window(tile_h: int, tile_w: int, ramp: int, device) -> Tensor:
     return axis(tile_h)[:, None] * axis(tile_w)[None, :]
 
 
+# What a CPU process holds before it solves anything (Python, torch, the model; about 0.4 GB for `pfsr upscale`,
+# 0.6 GB for a Ray worker): serve.memory_budget_mb minus this bounds one tile.
+RUNTIME_MB = 768
+# The whole image's own buffers per output pixel (the blended sum and weights, the crop, the 8-bit image, the
+# evaluation's HR and baselines): they grow with the image, so they count against the budget before any tile.
+IMAGE_BYTES_PER_PIXEL = 96
+MARGIN = 1.25  # the estimate below against the measured peak RSS (tests/test_whole_photos.py holds it)
+
+
+def tile_bytes(model: PFSRModel, hr_h: int, hr_w: int) -> int:
+    """Estimated peak working memory of one network evaluation of one [hr_h x hr_w] tile, float32: the U-Net's
+    skip activations, the LR features resized to every level, the widest residual block's tensors (an upsampling
+    block at level l works at level l-1's resolution with level l's channels) and the solver's state. Linear in the
+    pixels: the attention runs in a fused kernel that never holds the HW x HW matrix."""
+    m = model.config.model
+    widths = [m.unet_base_channels * k for k in m.unet_channel_mult]
+    area = [4.0 ** -level for level in range(len(widths))]  # a level's pixels per HR pixel
+    skips = m.unet_base_channels + sum(m.unet_num_res_blocks * c * a + (c * a / 4 if level < len(widths) - 1 else 0)
+                                       for level, (c, a) in enumerate(zip(widths, area)))
+    features = model.rrdb.feature_channels * sum(area)
+    widest = max(c * area[max(level - 1, 0)] for level, c in enumerate(widths))
+    state = 12 * m.in_channels  # x, the U-Net input and output, the solver's history
+    return int(MARGIN * 4 * (skips + features + 6 * widest + state) * hr_h * hr_w)
+
+
+def process_rss_bytes() -> int:
+    """The resident memory of this process now (Linux /proc), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    tile: int  # LR tile side
+    batch: int  # tiles solved together
+
+
+def plan_tiles(model: PFSRModel, lr_h: int, lr_w: int, *, tile: int, memory_budget_mb: float) -> TilePlan:
+    """The tile side and the tiles per batch for an LR image of lr_h x lr_w under a per-process memory budget.
+
+    The tile is `tile` (a multiple of the model's LR multiple), halved while one tile needs more than the budget
+    less RUNTIME_MB: it depends on the model and the budget only, so every process tiles (and samples) an image
+    alike. The batch is as many tiles as fit in what the budget leaves above this process's resident memory and the
+    image's buffers; InputError when the image's buffers alone do not fit."""
+    multiple, s = model.lr_multiple, model.scale
+    budget = memory_budget_mb * 2**20
+    tile = max(multiple, tile - tile % multiple)
+    while tile > multiple and tile_bytes(model, tile * s, tile * s) > budget - RUNTIME_MB * 2**20:
+        tile = max(multiple, (tile // 2) - (tile // 2) % multiple)
+    th, tw = min(tile, math.ceil(lr_h / multiple) * multiple), min(tile, math.ceil(lr_w / multiple) * multiple)
+    image = IMAGE_BYTES_PER_PIXEL * lr_h * lr_w * s * s
+    if image > budget - RUNTIME_MB * 2**20 - tile_bytes(model, th * s, tw * s):
+        raise InputError(f"a {lr_w * s}x{lr_h * s} output needs about {image / 2**20:.0f} MB for its own buffers: "
+                         f"more than serve.memory_budget_mb = {memory_budget_mb:g} MB allows beside one tile; raise "
+                         "it or split the image")
+    free = budget - max(process_rss_bytes(), RUNTIME_MB * 2**20) - image
+    return TilePlan(tile=tile, batch=max(1, int(free // tile_bytes(model, th * s, tw * s))))
+
+
+Progress = Callable[[int, int], None]  # (tiles done, tiles in all) after each batch of tiles
+
+
 @torch.no_grad()
-def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = 128, overlap: int = 16, method: str = "pf_ode",
-                        steps: Optional[int] = None, rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
-                        tile_batch: int = 4) -> tuple[Tensor, int]:
-    """One LR image [1 x C x h x w] of any size -> (SR [1 x C x sh x sw], NFE): padded to the U-Net multiple and,
-    when larger than `tile` LR pixels, cut into overlapping tiles whose outputs are blended linearly over the
-    overlap. Tile i uses seed + i."""
+def _over_tiles(lr: Tensor, solve: Callable[[Tensor, int], tuple[Tensor, int]], *, scale: int, multiple: int,
+                tile: int, overlap: int, batch: int, progress: Optional[Progress]) -> tuple[Tensor, int]:
+    """LR [1 x C x h x w] -> (solve's output [1 x C x sh x sw], its summed NFE): padded to `multiple`, cut into
+    overlapping tiles, `batch` tiles per call of solve(tiles, index of the first), outputs blended linearly over
+    the overlap into one float32 image."""
     if lr.ndim != 4 or lr.shape[0] != 1:
         raise ValueError(f"expected one image [1, C, h, w], got {tuple(lr.shape)}")
-    multiple = model.lr_multiple
     tile = max(multiple, tile - tile % multiple)
     overlap = min(overlap, tile // 2)
     lr, h, w = _pad_to_multiple(lr, multiple)
     ph, pw = lr.shape[-2:]
     tile_h, tile_w = min(tile, ph), min(tile, pw)
     boxes = [(y, x) for y in _tile_starts(ph, tile_h, overlap) for x in _tile_starts(pw, tile_w, overlap)]
-    s = model.scale
+    s = scale
     out = torch.zeros(1, lr.shape[1], ph * s, pw * s, device=lr.device)
     weight = torch.zeros(1, 1, ph * s, pw * s, device=lr.device)
     window = _blend_window(tile_h * s, tile_w * s, overlap * s, lr.device) if len(boxes) > 1 else \
         torch.ones(tile_h * s, tile_w * s, device=lr.device)
     nfe = 0
-    for start in range(0, len(boxes), tile_batch):
-        chunk = boxes[start:start + tile_batch]
-        tiles = torch.cat([lr[..., y:y + tile_h, x:x + tile_w] for y, x in chunk])
-        sr, n = super_resolve(model, tiles, method=method, steps=steps, rtol=rtol, atol=atol,
-                              seeds=[seed + start + i for i in range(len(chunk))])
+    for start in range(0, len(boxes), batch):
+        chunk = boxes[start:start + batch]
+        sr, n = solve(torch.cat([lr[..., y:y + tile_h, x:x + tile_w] for y, x in chunk]), start)
         nfe += n
         for (y, x), piece in zip(chunk, sr):
             out[..., y * s:(y + tile_h) * s, x * s:(x + tile_w) * s] += piece.float() * window
             weight[..., y * s:(y + tile_h) * s, x * s:(x + tile_w) * s] += window
-    return (out / weight)[..., : h * s, : w * s].clamp(0, 1), nfe
+        del sr
+        if progress is not None:
+            progress(start + len(chunk), len(boxes))
+    return out.div_(weight)[..., : h * s, : w * s].clamp_(0, 1), nfe
+
+
+@torch.no_grad()
+def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = ServeConfig.tile,
+                        overlap: int = ServeConfig.tile_overlap, method: str = "pf_ode", steps: Optional[int] = None,
+                        rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
+                        memory_budget_mb: float = ServeConfig.memory_budget_mb, tile_batch: Optional[int] = None,
+                        progress: Optional[Progress] = None) -> tuple[Tensor, int]:
+    """One LR image [1 x C x h x w] of any size -> (SR [1 x C x sh x sw], NFE): padded to the U-Net multiple and,
+    when larger than a tile, cut into overlapping tiles whose outputs are blended linearly over the overlap. Tile i
+    uses seed + i. The tile side and the tiles solved together (unless `tile_batch` says) follow from
+    `memory_budget_mb` (`plan_tiles`); the result does not depend on how many tiles share a solve."""
+    plan = plan_tiles(model, lr.shape[-2], lr.shape[-1], tile=tile, memory_budget_mb=memory_budget_mb)
+
+    def solve(tiles: Tensor, first: int) -> tuple[Tensor, int]:
+        return super_resolve(model, tiles, method=method, steps=steps, rtol=rtol, atol=atol,
+                             seeds=[seed + first + i for i in range(tiles.shape[0])])
+
+    return _over_tiles(lr, solve, scale=model.scale, multiple=model.lr_multiple, tile=plan.tile, overlap=overlap,
+                       batch=tile_batch or plan.batch, progress=progress)
+
+
+@torch.no_grad()
+def regress_tiled(model: PFSRModel, lr: Tensor, *, tile: int = ServeConfig.tile,
+                  overlap: int = ServeConfig.tile_overlap,
+                  memory_budget_mb: float = ServeConfig.memory_budget_mb) -> Tensor:
+    """The RRDB regression head (`model.regress`) of one LR image [1 x C x h x w] over the tiles of
+    `super_resolve_tiled`, so that its memory is bounded alike -> [1 x C x sh x sw] in [0, 1]."""
+    plan = plan_tiles(model, lr.shape[-2], lr.shape[-1], tile=tile, memory_budget_mb=memory_budget_mb)
+    sr, _ = _over_tiles(lr, lambda tiles, first: (model.regress(tiles), 0), scale=model.scale,
+                        multiple=model.lr_multiple, tile=plan.tile, overlap=overlap, batch=plan.batch, progress=None)
+    return sr
 
 
 @dataclass
@@ -142,13 +243,15 @@ def resolve_checkpoint(checkpoint: Optional[str | Path]) -> Path:
 
 
 def upscale_array(model: PFSRModel, rgb: np.ndarray, alpha: Optional[np.ndarray] = None, *, method: str,
-                  steps: Optional[int], rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0, tile: int = 128,
-                  overlap: int = 16, device: torch.device | str = "cpu") -> UpscaleResult:
+                  steps: Optional[int], rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
+                  tile: int = ServeConfig.tile, overlap: int = ServeConfig.tile_overlap,
+                  memory_budget_mb: float = ServeConfig.memory_budget_mb, device: torch.device | str = "cpu",
+                  progress: Optional[Progress] = None) -> UpscaleResult:
     """HxWx3 uint8 RGB (and optional HxW uint8 alpha) -> UpscaleResult with an RGB or RGBA PIL image."""
     t0 = time.perf_counter()
     lr = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255).to(device)
     sr, nfe = super_resolve_tiled(model, lr, tile=tile, overlap=overlap, method=method, steps=steps, rtol=rtol,
-                                  atol=atol, seed=seed)
+                                  atol=atol, seed=seed, memory_budget_mb=memory_budget_mb, progress=progress)
     return UpscaleResult(image=to_image(sr[0], alpha, model.scale), nfe=nfe, seconds=time.perf_counter() - t0)
 
 
@@ -165,11 +268,13 @@ def to_image(sr: Tensor, alpha: Optional[np.ndarray], scale: int) -> Image.Image
 
 def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[str] = None, *,
             steps: Optional[int] = None, rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
-            tile: Optional[int] = None, device: Optional[str] = None, model: Optional[PFSRModel] = None) -> Image.Image:
+            tile: Optional[int] = None, device: Optional[str] = None, model: Optional[PFSRModel] = None,
+            memory_budget_mb: Optional[float] = None, progress: Optional[Progress] = None) -> Image.Image:
     """Super-resolve a PIL image, a path, or image bytes; returns a PIL image `scale` times larger.
 
     `checkpoint`: an exported checkpoint (default: the shipped models/pfsr_x4_small.pt); `sampler`: one of
-    pfsr.sampling.SAMPLERS (default: the checkpoint config's sampler).
+    pfsr.sampling.SAMPLERS (default: the checkpoint config's sampler); `tile`, `memory_budget_mb`: default the
+    config's serve.tile and serve.memory_budget_mb; `progress(tiles done, tiles)` after each batch of tiles.
     """
     from .checkpoint import load_model
     from .images import decode_image
@@ -191,11 +296,16 @@ def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[st
         name, data = "image", bytes(image)
     decoded = decode_image(data, name, max_pixels=None)
     return upscale_array(model, decoded.rgb, decoded.alpha, method=method, steps=steps, rtol=rtol, atol=atol,
-                         seed=seed, tile=tile or cfg.serve.tile, overlap=cfg.serve.tile_overlap, device=dev).image
+                         seed=seed, tile=tile or cfg.serve.tile, overlap=cfg.serve.tile_overlap,
+                         memory_budget_mb=memory_budget_mb or cfg.serve.memory_budget_mb, device=dev,
+                         progress=progress).image
 
 
 def run_cli(args) -> int:
-    """`pfsr upscale IN OUT`: a file to a file, or a folder to a folder (PNG outputs)."""
+    """`pfsr upscale IN OUT`: a file to a file, or a folder to a folder (PNG outputs); a progress bar of the
+    tiles on stderr."""
+    from tqdm import tqdm
+
     from .checkpoint import load_model
 
     src, dst = Path(args.input), Path(args.output)
@@ -214,8 +324,15 @@ def run_cli(args) -> int:
     steps = args.steps if args.steps is not None or args.sampler else model.config.sampler.steps
     for i, (p, q) in enumerate(zip(inputs, outputs), 1):
         t0 = time.perf_counter()
-        image = upscale(p, sampler=method, steps=steps, rtol=args.rtol, atol=args.atol, seed=args.seed,
-                        tile=args.tile, device=str(device), model=model)
+        with tqdm(desc=f"[{i}/{len(inputs)}] {p.name}", unit="tile", leave=False, file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            image = upscale(p, sampler=method, steps=steps, rtol=args.rtol, atol=args.atol, seed=args.seed,
+                            tile=args.tile, device=str(device), model=model, memory_budget_mb=args.memory_budget_mb,
+                            progress=progress)
         q.parent.mkdir(parents=True, exist_ok=True)
         tmp = q.with_name(q.name + ".tmp")
         image.save(tmp, format="PNG")

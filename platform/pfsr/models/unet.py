@@ -87,7 +87,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(n, c, h * w))  # [N x 3C x HW]
-        q, k, v = qkv.reshape(n, 3, self.num_heads, c // self.num_heads, h * w).permute(1, 0, 2, 4, 3)
+        # contiguous [N x heads x HW x C/heads]: the fused (flash) kernels need a unit last-dim stride; the permuted
+        # view falls back to the math kernel, which holds the whole HW x HW attention matrix (GBs on a photo tile)
+        q, k, v = qkv.reshape(n, 3, self.num_heads, c // self.num_heads, h * w).permute(1, 0, 2, 4, 3).contiguous()
         out = F.scaled_dot_product_attention(q, k, v)  # [N x heads x HW x C/heads]
         out = out.permute(0, 1, 3, 2).reshape(n, c, h * w)
         return x + self.proj(out).reshape(n, c, h, w)

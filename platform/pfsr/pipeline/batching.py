@@ -3,7 +3,8 @@ endpoint and the Ray Data evaluation replicas.
 
 Items that fit one tile are grouped by (solver settings, size bucket): each is padded to its bucket (sides rounded
 up to a multiple of `bucket` LR pixels, as `super_resolve_tiled` pads to the U-Net multiple), the group is solved
-as one batch with one seed per item, and each output is cropped back. An item's result depends only on itself:
+as one batch (or as few as serve.memory_budget_mb allows) with one seed per item, and each output is cropped
+back. An item's result depends only on itself:
 its padding on its own size, its x_T on its own seed. Adaptive dopri5 and the SDE would couple a batch (one step
 control, one noise stream), so they are never grouped: each such item is a group of one, as is an item larger
 than a tile, which goes through overlapping tiles with blended seams.
@@ -20,7 +21,9 @@ from typing import Hashable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..inference import _pad_to_multiple, is_deterministic_batchable, super_resolve, super_resolve_tiled
+from ..config import ServeConfig
+from ..inference import (_pad_to_multiple, is_deterministic_batchable, plan_tiles, super_resolve,
+                         super_resolve_tiled)
 from ..models.sr import PFSRModel
 
 
@@ -77,19 +80,23 @@ def plan_groups(items: Sequence[WorkItem], *, bucket: int, tile: int) -> list[li
 
 
 @torch.no_grad()
-def run_group(model: PFSRModel, items: Sequence[WorkItem], *, bucket: int, tile: int, overlap: int
-              ) -> list[tuple[Tensor, int]]:
-    """One group of `plan_groups` -> per item (SR [C x sh x sw] in [0, 1], NFE of its solve)."""
+def run_group(model: PFSRModel, items: Sequence[WorkItem], *, bucket: int, tile: int, overlap: int,
+              memory_budget_mb: float = ServeConfig.memory_budget_mb) -> list[tuple[Tensor, int]]:
+    """One group of `plan_groups` -> per item (SR [C x sh x sw] in [0, 1], NFE of its solve). A group is solved
+    in as many batches as `memory_budget_mb` needs; an item larger than the tile that the budget allows goes
+    through tiles."""
     settings, s = items[0].settings, model.scale
     h, w = items[0].lr.shape[-2:]
     ph, pw = padded_size(h, w, bucket)
-    if len(items) == 1 and max(ph, pw) > tile:
-        sr, nfe = super_resolve_tiled(model, items[0].lr[None], tile=tile, overlap=overlap, seed=items[0].seed,
-                                      **settings.kwargs())
-        return [(sr[0], nfe)]
-    padded = []
-    for item in items:
-        x, _, _ = _pad_to_multiple(item.lr[None], bucket)
-        padded.append(x[0])
-    sr, nfe = super_resolve(model, torch.stack(padded), seeds=[item.seed for item in items], **settings.kwargs())
-    return [(out[:, : item.lr.shape[-2] * s, : item.lr.shape[-1] * s], nfe) for out, item in zip(sr, items)]
+    plan = plan_tiles(model, ph, pw, tile=tile, memory_budget_mb=memory_budget_mb)
+    if max(ph, pw) > plan.tile:
+        tiled = [super_resolve_tiled(model, item.lr[None], tile=tile, overlap=overlap, seed=item.seed,
+                                     memory_budget_mb=memory_budget_mb, **settings.kwargs()) for item in items]
+        return [(sr[0], nfe) for sr, nfe in tiled]
+    outs = []
+    for start in range(0, len(items), plan.batch):
+        chunk = items[start:start + plan.batch]
+        padded = torch.stack([_pad_to_multiple(item.lr[None], bucket)[0][0] for item in chunk])
+        sr, nfe = super_resolve(model, padded, seeds=[item.seed for item in chunk], **settings.kwargs())
+        outs += [(out[:, : item.lr.shape[-2] * s, : item.lr.shape[-1] * s], nfe) for out, item in zip(sr, chunk)]
+    return outs

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import resource
 import time
 import zlib
 from typing import Any, Iterator, Optional, Sequence
@@ -30,12 +31,13 @@ import torch
 
 from .. import storage
 from ..checkpoint import load, model_from_checkpoint
+from ..config import config_from_dict
 from ..data import iter_shard_samples, list_shards, sample_image
 from ..degradation import degrade, to_uint8, upsample
 from ..errors import InputError
 from ..features import LPIPS, VGG16_FILE, find_backbone_weights
 from ..images import decode_image, is_image_name
-from ..inference import resolve_device
+from ..inference import regress_tiled, resolve_device
 from ..metrics import gradient_energy, image_metrics
 from ..sampling import SAMPLERS
 from .batching import SolverSettings, WorkItem, plan_groups, run_group
@@ -45,6 +47,7 @@ log = logging.getLogger("pfsr.evaluate")
 SECTIONS = ("model", "bicubic", "rrdb")
 QUALITY_KEYS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "lpips")
 GRID_IMAGES = 4  # the first images in data order get a PNG grid
+MAX_RESTARTS = 2  # a replica that dies (killed for memory) is restarted this often, then the run fails
 ZOOM = 4  # zoomed crops show 1/ZOOM of the shorter side
 
 
@@ -117,14 +120,16 @@ class SRReplica:
     """A model replica of the actor pool: batch {"key", "hr", "grid"} -> one row of metrics per image."""
 
     def __init__(self, checkpoint: str, settings: SolverSettings, seed: int, lpips_weights: Optional[str],
-                 use_gpu: bool, tile: int, overlap: int):
+                 use_gpu: bool, tile: int, overlap: int, memory_budget_mb: float):
         import ray
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the job log's lines
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = resolve_device("cuda" if use_gpu else "cpu")
         self.model = model_from_checkpoint(load(storage.read_bytes(checkpoint))).to(self.device)
         self.settings, self.seed, self.tile, self.overlap = settings, seed, tile, overlap
+        self.memory_budget_mb = memory_budget_mb
         self.lpips = LPIPS(lpips_weights).to(self.device) if lpips_weights else None
 
     @torch.no_grad()
@@ -139,16 +144,18 @@ class SRReplica:
         for group in plan_groups(items, bucket=self.model.lr_multiple, tile=self.tile):
             t0 = time.perf_counter()
             outs = run_group(self.model, [items[i] for i in group], bucket=self.model.lr_multiple, tile=self.tile,
-                             overlap=self.overlap)
+                             overlap=self.overlap, memory_budget_mb=self.memory_budget_mb)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / len(group)
             for i, (sr, nfe) in zip(group, outs):
                 srs[i], nfes[i], seconds[i] = sr, nfe, dt
         rows: dict[str, list] = {"key": keys, "height": [], "width": [], "nfe": nfes, "seconds": seconds,
-                                 "hr_gradient_energy": [], "grid_png": []}
+                                 "hr_gradient_energy": [], "peak_rss_mb": [], "grid_png": []}
         for i, (hr, lr) in enumerate(zip(hrs, lrs)):
-            outputs = {"model": srs[i], "bicubic": upsample(lr[None], s)[0], "rrdb": self.model.regress(lr[None])[0]}
+            rrdb = regress_tiled(self.model, lr[None], tile=self.tile, overlap=self.overlap,
+                                 memory_budget_mb=self.memory_budget_mb)[0]
+            outputs = {"model": srs[i], "bicubic": upsample(lr[None], s)[0], "rrdb": rrdb}
             hr_u8 = to_uint8(hr).permute(1, 2, 0).cpu().numpy()
             as_u8 = {name: to_uint8(x).permute(1, 2, 0).cpu().numpy() for name, x in outputs.items()}
             rows["height"].append(hr_u8.shape[0])
@@ -161,6 +168,10 @@ class SRReplica:
                     rows.setdefault(f"{name}_{metric}", []).append(value)
             rows["grid_png"].append(render_grid(keys[i], as_u8, hr_u8, found, self.settings, nfes[i], s)
                                     if batch["grid"][i] else b"")
+            rows["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KB
+            log.info("%s: %dx%d, %s %d NFE, %.1f s, PSNR(Y) %.2f dB, peak RSS %.0f MB", keys[i], hr_u8.shape[1],
+                     hr_u8.shape[0], self.settings.method, nfes[i], seconds[i], found["model"]["psnr_y"],
+                     rows["peak_rss_mb"][-1])
         return rows
 
 
@@ -317,8 +328,11 @@ def lpips_backbone_report(explicit: Optional[str]) -> dict[str, Any]:
 def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, split: str = "val",
              scale: Optional[int] = None, limit: Optional[int] = None, replicas: int = 1,
              gpus_per_replica: float = 0, batch_size: int = 1, lpips_weights: Optional[str] = None,
-             seed: int = 0) -> dict[str, Any]:
-    """Run the evaluation on the current Ray cluster; returns metrics.json's content."""
+             seed: int = 0, memory_budget_mb: Optional[float] = None, max_restarts: int = MAX_RESTARTS
+             ) -> dict[str, Any]:
+    """Run the evaluation on the current Ray cluster; returns metrics.json's content. `memory_budget_mb`: per
+    replica (default: the checkpoint config's serve.memory_budget_mb); a replica that dies (killed for memory) is
+    restarted `max_restarts` times, then the run fails with an InputError that says what to lower."""
     import ray
 
     if settings.method not in SAMPLERS:
@@ -340,16 +354,27 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
     # About one image per block: a shard (or a few files) read as one block would feed one replica only, while an
     # image's SR takes seconds, so small blocks cost nothing.
     ctx.target_max_block_size = EVAL_BLOCK_BYTES
-    serve_cfg = config.get("serve", {})
+    serve_cfg = config_from_dict(config).serve
+    budget = memory_budget_mb or serve_cfg.memory_budget_mb
     ds = build_dataset(kind, units, data=data, scale=ckpt_scale, limit=limit)
+    # Ray Data restarts a dead replica and retries its batch without end by default: a replica killed for memory
+    # would be killed again and again on the same image
     ds = ds.map_batches(
         SRReplica, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=replicas), num_gpus=gpus_per_replica or None,
+        max_restarts=max_restarts, max_task_retries=max_restarts,
         fn_constructor_kwargs={"checkpoint": checkpoint, "settings": settings, "seed": seed,
                                "lpips_weights": backbone["path"], "use_gpu": gpus_per_replica > 0,
-                               "tile": serve_cfg.get("tile", 128), "overlap": serve_cfg.get("tile_overlap", 16)})
+                               "tile": serve_cfg.tile, "overlap": serve_cfg.tile_overlap, "memory_budget_mb": budget})
     t0 = time.perf_counter()
-    rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    try:
+        rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    except (ray.exceptions.ActorDiedError, ray.exceptions.OutOfMemoryError, ray.exceptions.ActorUnavailableError) as e:
+        raise InputError(
+            f"a model replica died {max_restarts + 1} times (--max-restarts {max_restarts}), most likely killed for "
+            f"memory: lower --memory-budget-mb (now {budget:g} MB per replica), --batch-size ({batch_size}) or "
+            f"--replicas ({replicas}), or give each replica more memory. Ray said: {str(e).splitlines()[0]}"
+        ) from None
     elapsed = time.perf_counter() - t0
     if not rows:
         raise InputError(f"--data {data}: nothing to evaluate")
@@ -380,7 +405,8 @@ def run_cli(args) -> int:
     report = evaluate(checkpoint=args.checkpoint, data=args.data, out=args.out, settings=settings,
                       split=args.split, scale=args.scale, limit=args.limit, replicas=args.replicas,
                       gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size,
-                      lpips_weights=args.lpips_weights, seed=args.seed)
+                      lpips_weights=args.lpips_weights, seed=args.seed, memory_budget_mb=args.memory_budget_mb,
+                      max_restarts=args.max_restarts)
     print(format_summary(report))
     print(f"wrote {storage.join(args.out, 'metrics.json')}, per_image.parquet and grids/")
     if getattr(args, "compare", None):

@@ -171,7 +171,8 @@ class Engine:
             self.budget = Budget(self.cfg.max_nfe, t0 + self.cfg.max_seconds, self.cfg.max_seconds)
             try:
                 results = run_group(self.model, [jobs[i].item for i in group], bucket=self.bucket,
-                                    tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+                                    tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
+                                    memory_budget_mb=self.cfg.memory_budget_mb)
             except RequestError as e:
                 for i in group:
                     outcomes[i] = e
