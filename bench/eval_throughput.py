@@ -118,7 +118,7 @@ def upscale_photo(folder: Path, width: int, height: int, sampler: str, steps: in
     """One `pfsr upscale` of the rocket photo at width x height output pixels in a fresh process."""
     (rocket,) = load_photos(["rocket"])
     hr = Image.fromarray(rocket[:, 35:604]).resize((width, height), Image.BICUBIC)  # 4:3 of the 640 x 427 photo
-    lr = to_uint8(degrade(torch.from_numpy(np.asarray(hr)).permute(2, 0, 1)[None].float() / 255, 4))[0]
+    lr = to_uint8(degrade(torch.from_numpy(np.array(hr)).permute(2, 0, 1)[None].float() / 255, 4))[0]
     src, dst = folder / f"lr_{width}x{height}.png", folder / f"sr_{width}x{height}_{sampler}.png"
     Image.fromarray(lr.permute(1, 2, 0).numpy()).save(src)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "platform")}

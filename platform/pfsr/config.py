@@ -129,7 +129,7 @@ class ServeConfig:
     tile_overlap: int = 16
     # Peak resident memory of one process that super-resolves (`pfsr upscale`, an evaluate or Serve replica), MB:
     # the tiles solved together follow from it (and the tile shrinks when one does not fit), so memory stays
-    # bounded at any image size; about 768 MB of it is the runtime and the model.
+    # bounded at any image size; about 768 MB of it is the runtime and the model (on a GPU: of the GPU's memory).
     memory_budget_mb: int = 2048
     size_bucket: int = 16  # LR sides padded up to a multiple of this, so that near sizes share a batch
     max_nfe: int = 200  # network evaluations per request (all its tiles); more -> 400

@@ -120,6 +120,11 @@ def tile_bytes(model: PFSRModel, hr_h: int, hr_w: int) -> int:
     return int(MARGIN * 4 * (skips + features + 6 * widest + state) * hr_h * hr_w)
 
 
+def memory_in_use(device: torch.device) -> int:
+    """Bytes this process holds where `device` computes: the CUDA allocator's on a GPU, else the resident memory."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else process_rss_bytes()
+
+
 def process_rss_bytes() -> int:
     """The resident memory of this process now (Linux /proc), else its peak so far."""
     try:
@@ -142,7 +147,8 @@ def plan_tiles(model: PFSRModel, lr_h: int, lr_w: int, *, tile: int, memory_budg
     The tile is `tile` (a multiple of the model's LR multiple), halved while one tile needs more than the budget
     less RUNTIME_MB: it depends on the model and the budget only, so every process tiles (and samples) an image
     alike. The batch is as many tiles as fit in what the budget leaves above this process's resident memory and the
-    image's buffers; InputError when the image's buffers alone do not fit."""
+    image's buffers (on a GPU: above what its allocator holds, the budget being of the GPU's memory); InputError
+    when the image's buffers alone do not fit."""
     multiple, s = model.lr_multiple, model.scale
     budget = memory_budget_mb * 2**20
     tile = max(multiple, tile - tile % multiple)
@@ -154,7 +160,7 @@ def plan_tiles(model: PFSRModel, lr_h: int, lr_w: int, *, tile: int, memory_budg
         raise InputError(f"a {lr_w * s}x{lr_h * s} output needs about {image / 2**20:.0f} MB for its own buffers: "
                          f"more than serve.memory_budget_mb = {memory_budget_mb:g} MB allows beside one tile; raise "
                          "it or split the image")
-    free = budget - max(process_rss_bytes(), RUNTIME_MB * 2**20) - image
+    free = budget - max(memory_in_use(next(model.parameters()).device), RUNTIME_MB * 2**20) - image
     return TilePlan(tile=tile, batch=max(1, int(free // tile_bytes(model, th * s, tw * s))))
 
 
