@@ -325,7 +325,10 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
         raise InputError(f"--sampler {settings.method!r} is unknown; choose one of {', '.join(sorted(SAMPLERS))}")
     if not storage.is_file(checkpoint):
         raise InputError(f"--checkpoint {checkpoint} does not exist")
-    config = load(storage.read_bytes(checkpoint))["config"]
+    # the whole model once here: a damaged checkpoint fails now with its name, not in every replica
+    ckpt = load(storage.read_bytes(checkpoint), name=checkpoint)
+    model_from_checkpoint(ckpt, name=checkpoint)
+    config = ckpt["config"]
     ckpt_scale = config["model"]["scale"]
     if scale is not None and scale != ckpt_scale:
         raise InputError(f"--scale {scale} does not match the checkpoint's scale x{ckpt_scale}")
