@@ -167,7 +167,15 @@ def find_checkpoint(uri: str, which: str = "best") -> str:
         folder, _, leaf = entry.path.rpartition("/")
         match = CHECKPOINT_DIR.match(folder)
         if match and leaf == SIDECAR_FILE:
-            found[folder] = json.loads(storage.read_bytes(storage.join(uri, entry.path)))
+            sidecar = storage.join(uri, entry.path)
+            try:
+                found[folder] = json.loads(storage.read_bytes(sidecar))
+            except ValueError as e:
+                raise InputError(f"{sidecar} is not JSON ({e}); a checkpoint sidecar holds its 'step' and "
+                                 "'metrics'") from None
+            if not (isinstance(found[folder], dict) and isinstance(found[folder].get("step"), int)
+                    and isinstance(found[folder].get("metrics"), dict)):
+                raise InputError(f"{sidecar} lacks an integer 'step' or a 'metrics' object")
     folders = [f for f in found if storage.is_file(storage.join(uri, f, CHECKPOINT_FILE))]
     if not folders:
         what = "does not exist" if not storage.exists(uri) else \
@@ -192,6 +200,9 @@ def run_export_cli(args) -> int:
     """`pfsr export --run URI --out FILE [--which best|latest]`: the serving checkpoint (EMA weights, config)."""
     from . import storage
 
+    if storage.exists(args.out) and not storage.is_file(args.out):
+        raise InputError(f"--out {args.out} is a directory; give the checkpoint file to write, e.g. "
+                         f"{storage.join(args.out, 'model.pt')}")
     src = find_checkpoint(args.run, args.which)
     ckpt = read_checkpoint(src)
     serving = serving_checkpoint(ckpt) if ckpt["kind"] == "training" else ckpt

@@ -62,9 +62,14 @@ def _open_shards(urls: list[str]) -> Iterator[dict]:
 
 
 def iter_shard_samples(urls: list[str]) -> Iterator[dict]:
-    """Raw webdataset samples ({'__key__', 'png' or 'webp', 'json', ...} of bytes) of the shards, in order."""
-    files = wds.tariterators.tar_file_expander(_open_shards(urls), rename_files=check_member_name)
-    return wds.tariterators.group_by_keys(files)
+    """Raw webdataset samples ({'__key__', 'png' or 'webp', 'json', ...} of bytes) of the shards, in order; an
+    unsafe member is an InputError that names its shard."""
+    for url in urls:
+        files = wds.tariterators.tar_file_expander(_open_shards([url]), rename_files=check_member_name)
+        try:
+            yield from wds.tariterators.group_by_keys(files)
+        except InputError as e:  # webdataset appends the stream object to the arguments: keep the message only
+            raise InputError(f"shard {url}: {e.args[0]}") from None
 
 
 def sample_image(sample: dict) -> np.ndarray:

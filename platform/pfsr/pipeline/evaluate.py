@@ -352,7 +352,13 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
                                "lpips_weights": backbone["path"], "use_gpu": gpus_per_replica > 0,
                                "tile": serve_cfg.get("tile", 128), "overlap": serve_cfg.get("tile_overlap", 16)})
     t0 = time.perf_counter()
-    rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    try:
+        rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    except Exception as e:
+        bad_input = _input_error(e)
+        if bad_input is None:
+            raise
+        raise InputError(str(bad_input)) from None
     elapsed = time.perf_counter() - t0
     if not rows:
         raise InputError(f"--data {data}: nothing to evaluate")
@@ -360,6 +366,20 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
     write_reports(out, rows, report)
     log.info("%d images in %.1f s (%.2f images/s)", len(rows), elapsed, len(rows) / elapsed)
     return report
+
+
+def _input_error(e: BaseException) -> Optional[InputError]:
+    """The InputError (a bad shard, a too small image) behind a Ray Data failure, if that is what it is."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, InputError) and not isinstance(e, RayError):  # RayTaskError(InputError) is both
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def format_summary(report: dict[str, Any]) -> str:
