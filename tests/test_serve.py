@@ -230,15 +230,15 @@ def test_a_lost_replica_never_surfaces_as_500(endpoint, tiny_checkpoint, crops):
                          "token_env": "PFSR_UNSET_TOKEN"})
     serve.run(build_app(str(tiny_checkpoint), two, ray_actor_options={"num_cpus": 0.5}), name="pfsr-kill",
               route_prefix="/kill")
-    url, body, params = f"{endpoint}/kill/upscale", _png(crops["coffee"]), {"sampler": "dpmpp_2m", "steps": "20"}
+    url, body, params = f"{endpoint}/kill/upscale", _png(crops["coffee"]), {"sampler": "dpmpp_2m", "steps": "10"}
     alone = _post(url, body, params)
     assert alone.status_code == 200, alone.text
     pids = [a["Pid"] for a in ray._private.state.actors().values()
             if a["ActorClassName"].startswith("ServeReplica:pfsr-kill") and a["State"] == "ALIVE"]
     assert len(pids) == 2, pids
     try:
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_post, url, body, params) for _ in range(8)]
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(_post, url, body, params) for _ in range(6)]
             time.sleep(1.0)
             os.kill(pids[0], signal.SIGKILL)
             replies = [f.result() for f in futures]
@@ -296,3 +296,37 @@ def test_app_builder_checks_its_args():
         app_builder({})
     app = app_builder({"checkpoint": "model.pt", "max_batch_size": "8", "max_ongoing_requests": "16"})
     assert app._bound_deployment._deployment_config.max_ongoing_requests == 16
+
+
+def test_pfsr_serve_loads_the_proxy_layer_into_the_ray_it_starts(tiny_checkpoint, tmp_path):
+    """`pfsr serve` on a Ray of its own (a subprocess) sets the proxies' environment: the token guards the proxy's
+    /-/routes and the docs, /healthz stays public, and a chunked upload past the cap (serve.max_pixels of the
+    config) gets 413."""
+    port = _free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"serve": {"max_pixels": 64 * 64, "min_replicas": 1, "max_replicas": 1}}))
+    env = {**os.environ, "PFSR_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pfsr", "serve", "--checkpoint", str(tiny_checkpoint),
+                                 "--config", str(config), "--port", str(port), "--ray-address", "local"], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        while "PF-SR serving" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        base = f"http://127.0.0.1:{port}"
+        for path in ("/-/routes", "/docs", "/openapi.json"):
+            r = httpx.get(base + path, timeout=30)
+            assert r.status_code == 401 and "bearer token" in r.json()["error"], (path, r.status_code, r.text)
+            assert httpx.get(base + path, headers=AUTH, timeout=30).status_code == 200, path
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+        cap = max_body_bytes(64 * 64)
+        sent, status, body = _chunked_upload(base, "/upscale", 64 << 20, {**AUTH, "Content-Type": "image/png"})
+        assert status == 413 and f"larger than {cap} bytes" in body.decode(), (status, body[:200])
+    finally:
+        proc.send_signal(signal.SIGTERM)  # pfsr serve shuts Serve and its own Ray down
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
