@@ -26,7 +26,7 @@ OPTS = dict(patch=0, step=1, min_size=16, min_shards=1)
 
 def _png(img, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
+    Image.fromarray(img).save(path, format="PNG")
 
 
 def _closed_port() -> int:

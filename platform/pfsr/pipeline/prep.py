@@ -388,7 +388,12 @@ def _walk_local(root: str) -> tuple[list[storage.FileEntry], list[dict]]:
         return real == real_root or real.startswith(real_root + os.sep)
 
     def walk(folder: str, rel: str, above: frozenset[str]) -> None:
-        for child in sorted(os.scandir(folder), key=lambda d: d.name):
+        try:
+            children = sorted(os.scandir(folder), key=lambda d: d.name)
+        except OSError as e:
+            rejected.append({"source": rel or ".", "reason": f"unreadable folder: {e.strerror}"})
+            return
+        for child in children:
             path = rel + child.name
             if child.is_symlink():
                 target = os.readlink(child.path)
@@ -425,7 +430,8 @@ def _walk_local(root: str) -> tuple[list[storage.FileEntry], list[dict]]:
                 first_file[info.st_dev, info.st_ino] = path
                 entries.append(storage.FileEntry(path, info.st_size))
 
-    walk(real_root, "", frozenset({real_root}))
+    if os.path.isdir(real_root):
+        walk(real_root, "", frozenset({real_root}))
     return sorted(entries, key=lambda e: e.path), rejected
 
 
