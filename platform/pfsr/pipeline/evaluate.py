@@ -352,13 +352,20 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
                                "lpips_weights": backbone["path"], "use_gpu": gpus_per_replica > 0,
                                "tile": serve_cfg.get("tile", 128), "overlap": serve_cfg.get("tile_overlap", 16)})
     t0 = time.perf_counter()
+    # Ray Data logs a failed task's traceback twice before raising it; the raised error keeps it
+    quiet = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    for logger in quiet:
+        logger.addFilter(_below_error)
     try:
         rows = sorted(ds.take_all(), key=lambda r: r["key"])
     except Exception as e:
         bad_input = _input_error(e)
         if bad_input is None:
             raise
-        raise InputError(str(bad_input)) from None
+        raise InputError(str(bad_input).splitlines()[0]) from None  # without what Ray Data appends
+    finally:
+        for logger in quiet:
+            logger.removeFilter(_below_error)
     elapsed = time.perf_counter() - t0
     if not rows:
         raise InputError(f"--data {data}: nothing to evaluate")
@@ -366,6 +373,13 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
     write_reports(out, rows, report)
     log.info("%d images in %.1f s (%.2f images/s)", len(rows), elapsed, len(rows) / elapsed)
     return report
+
+
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _input_error(e: BaseException) -> Optional[InputError]:
