@@ -141,7 +141,8 @@ def test_a_damaged_checkpoint_is_named_with_what_it_lacks(damaged, tmp_path, cap
         # `pfsr serve` checks the checkpoint before starting Ray and deploying (it used to wait 30 s, then say
         # "Deploying application pfsr failed"); `pfsr upscale` names the file too
         for argv in (["serve", "--checkpoint", str(damaged[name])],
-                     ["upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--checkpoint", str(damaged[name])]):
+                     ["upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--checkpoint",
+                      str(damaged[name])]):
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert str(damaged[name]) in err and phrase in err, err

@@ -23,7 +23,8 @@ FORMAT_VERSION = 1
 # with its step and metrics, so that best/latest are found without downloading every checkpoint.
 CHECKPOINT_FILE = "checkpoint.pt"
 SIDECAR_FILE = "metrics.json"
-REQUIRED_KEYS = {"serving": ("config", "model"), "training": ("config", "model", "ema", "optimizer", "scheduler", "step")}
+REQUIRED_KEYS = {"serving": ("config", "model"),
+                 "training": ("config", "model", "ema", "optimizer", "scheduler", "step")}
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
 BEST_METRIC = "val/psnr_y"
 

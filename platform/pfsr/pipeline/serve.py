@@ -13,10 +13,9 @@ Inputs larger than serve.tile LR pixels go through overlapping tiles with blende
 Status codes: 400 undecodable body, unknown or out-of-range parameters, or a solve that needs more than
 serve.max_nfe network evaluations; 401 missing or wrong bearer token when the environment variable named by
 serve.token_env is set on the replica (also for /docs, /redoc and /openapi.json); 413 more than serve.max_pixels
-input pixels; 415 a content type or image
-format other than PNG/JPEG; 503 overload (Serve's max_queued_requests backpressure, with Retry-After) or a solve
-longer than serve.max_seconds. In front of the replicas, Serve's proxies run pfsr.pipeline.proxy (body cap,
-replay after a lost replica, JSON 503s with Retry-After, token on the proxy's /-/routes).
+input pixels; 415 a content type or image format other than PNG/JPEG; 503 overload (Serve's max_queued_requests
+backpressure, with Retry-After) or a solve longer than serve.max_seconds. In front of the replicas, Serve's proxies
+run pfsr.pipeline.proxy (body cap, replay after a lost replica, JSON 503s with Retry-After, token on /-/routes).
 """
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class in the handlers' signatures.
 import asyncio
