@@ -321,7 +321,8 @@ def test_kuberay_clusters_read_by_rays_kuberay_autoscaler(manifest):
 
 
 # The Services KubeRay 1.4 creates for a manifest, named as its controllers name them. A name is a tuple of
-# characters in which RAND stands for one character of a random suffix.
+# characters in which RAND stands for one character of a random suffix (matched to any character: a collision
+# found is possible, one not found impossible).
 RAND = None
 # k8s.io/apimachinery/pkg/util/rand String(5) (alphabet "bcdfghjklmnpqrstvwxz2456789"), called by
 # ray-operator/controllers/ray/utils/util.go GenerateRayClusterName: "<RayService or RayJob name>-<5 random>".
@@ -352,7 +353,7 @@ def _kuberay_services(manifest: dict) -> set[tuple]:
     if manifest["kind"] == "RayCluster":
         return _cluster_services(name, spec, annotations)
     if manifest["kind"] == "RayService":
-        # rayservice_controller.go: the RayService's own head and serve Services (common/service.go
+        # rayservice_controller.go reconcileServices: the RayService's own head and serve Services (common/service.go
         # BuildHeadServiceForRayService -> GenerateHeadServiceName(RayServiceCRD, ...) = "<name>-head-svc", which
         # ignores headService; BuildServeService: spec.serveService's name if set, else GenerateServeServiceName),
         # plus those of its cluster "<name>-<5 random>" (GenerateRayClusterName).
