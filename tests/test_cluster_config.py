@@ -511,9 +511,12 @@ def test_every_node_that_can_run_a_serve_proxy_loads_pfsrs_middleware(aws):
             for container in template["spec"]["containers"]:
                 values = [e.get("value") for e in container.get("env", []) if e["name"] == PROXY_CALLBACK_VAR]
                 assert values == [PROXY_CALLBACK], (name, group, container["name"], values)
-    # The image, for any pod built from it.
-    assert re.findall(rf"^ENV {PROXY_CALLBACK_VAR}=(\S+)$", (KUBERAY / "Dockerfile").read_text(), flags=re.M) \
-        == [PROXY_CALLBACK]
+    # The image, for any pod built from it, with the package installed from its code (not only a runtime_env).
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    assert re.findall(rf"^ENV {PROXY_CALLBACK_VAR}=(\S+)$", dockerfile, flags=re.M) == [PROXY_CALLBACK]
+    lines = dockerfile.splitlines()
+    copy_code = lines.index("COPY --chown=ray:users platform/ platform/")
+    assert any(re.match(r"RUN pip install .*-e \.$", line) for line in lines[copy_code:])
     # Nowhere another value (a docker --env, a second assignment).
     for path in [CLUSTER / "aws.yaml", *sorted(KUBERAY.iterdir())]:
         text = path.read_text()
