@@ -99,8 +99,12 @@ def test_an_unreachable_s3_endpoint_is_named(monkeypatch, tmp_path, capsys):
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"")  # local shards, run storage on S3
+    tiny = str(ROOT / "configs" / "tiny.yaml")
     for argv in (["prep", "--source", "s3://bucket/raw", "--out", str(tmp_path / "out")],
-                 ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data", "s3://bucket/shards"]):
+                 ["train", "--config", tiny, "--data", "s3://bucket/shards"],
+                 ["train", "--config", tiny, "--data", str(tmp_path / "shards"), "--storage", "s3://bucket/runs"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"at endpoint {endpoint}" in err and "check AWS_ENDPOINT_URL" in err and "Traceback" not in err, err

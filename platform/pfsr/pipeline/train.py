@@ -278,6 +278,7 @@ def train(config: Config | str | Path, *, data: Optional[str] = None, val_data: 
     name = name or default_name
     filesystem, storage_path = storage.resolve(storage_uri)
     run_uri = storage.join(storage_uri if storage.is_s3(storage_uri) else storage_path, name)
+    storage.exists(run_uri)  # an unreachable S3 endpoint fails here, named, not inside Ray Train
     resume_from = None
     if resume:
         if not _has_checkpoints(run_uri):
