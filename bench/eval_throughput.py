@@ -145,8 +145,7 @@ def whole_photos(width: int, height: int, threads: int, megapixel: bool) -> dict
                                      for name, steps in PHOTO_SAMPLERS.items()}}
         if megapixel:
             one = upscale_photo(Path(tmp), 1024, 1024, "dpmpp_2m", 10, threads)
-            result["megapixel_dpmpp_2m"] = {**one, "goal_wall_s_at_most": 300, "goal_peak_rss_mb_at_most": 3072,
-                                            "goal_met": one["wall_s"] <= 300 and one["peak_rss_mb"] <= 3072}
+            result["megapixel_dpmpp_2m"] = {**one, "goal_wall_s_at_most": 300, "goal_peak_rss_mb_at_most": 3072}
     return result
 
 
