@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 from pfsr import storage
-from pfsr.checkpoint import find_checkpoint, read_checkpoint
+from pfsr.checkpoint import find_checkpoint, read_checkpoint, state_digest
 from pfsr.cli import main
 from pfsr.config import load_config
+from pfsr.pipeline.train import RESTORED_DIGEST
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -213,10 +214,16 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
     for side in sidecars:  # checkpoints after the kill come from the worker group restored at that checkpoint
         assert side["metrics"]["run/start_step"] == (0 if side["step"] <= restored_from else restored_from)
 
+    # The restarted workers restored the checkpoint bit for bit: model, EMA and optimizer (their digest, reported
+    # with every later checkpoint, equals the saved checkpoint's).
+    restored = read_checkpoint(storage.join(run_uri, f"checkpoint_{restored_from:06d}", "checkpoint.pt"),
+                               kind="training")
+    digests = [side["metrics"].get(RESTORED_DIGEST) for side in sidecars]
+    assert digests == [None if side["step"] <= restored_from else state_digest(restored) for side in sidecars]
+
     first, second = _event_files(run_uri, tmp_path)  # a second worker-group start: the restore
     assert min(second["run/start_step"]) == restored_from
-    position = read_checkpoint(storage.join(run_uri, f"checkpoint_{restored_from:06d}", "checkpoint.pt"),
-                               kind="training")["data_position"]["ranks"][0]
+    position = restored["data_position"]["ranks"][0]
     seen = second["data/samples_seen"]
     assert seen[restored_from] == position["samples_seen"] == restored_from * 4  # data position restored
     # Every step after the checkpoint was trained again, once: the log continues from there to the end.

@@ -115,7 +115,7 @@ class TrainConfig:
     max_failures: int = 3
     val_sampler: str = "dpmpp_2m"
     val_steps: int = 10
-    torch_threads: int = 0  # per worker; 0 = cores / workers
+    torch_threads: int = 0  # per worker; 0 = the CPUs Ray reserves per worker (--cpus-per-worker)
 
 
 @dataclass

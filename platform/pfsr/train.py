@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -102,12 +103,22 @@ def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Conf
     return metrics
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of torch's RNG for one training step of one rank (numpy's SeedSequence mixes the three)."""
+    return int(np.random.SeedSequence((seed, rank, step)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def train_loop(state: TrainState, config: Config, batches: Iterable[Tensor], *,
                objective: Optional[nn.Module] = None, device: torch.device | str = "cpu",
                on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
-               until_step: Optional[int] = None, generator: Optional[torch.Generator] = None) -> TrainState:
+               until_step: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               noise_seed: Optional[tuple[int, int]] = None) -> TrainState:
     """Run train_step over `batches` until `until_step` (default train.steps); calls on_log every log_every steps
-    with the metrics averaged since the last call, plus train/samples_per_s."""
+    with the metrics averaged since the last call, plus train/samples_per_s.
+
+    `noise_seed` (seed, rank): torch's RNG is seeded with step_seed(seed, rank, step) before every step, so the
+    step's noise (DSM t and eps, degradation, dropout) depends on the step alone and a run resumed from a
+    checkpoint draws what an uninterrupted run does (with `generator` None)."""
     objective = objective if objective is not None else TrainingObjective(state.model, config.loss, config.train.stage)
     until_step = config.train.steps if until_step is None else until_step
     state.model.train()
@@ -116,6 +127,8 @@ def train_loop(state: TrainState, config: Config, batches: Iterable[Tensor], *,
     batch_iter: Iterator[Tensor] = iter(batches)
     while state.step < until_step:
         hr = next(batch_iter).to(device, non_blocking=True)
+        if noise_seed is not None:
+            torch.manual_seed(step_seed(*noise_seed, state.step))
         metrics = train_step(objective, hr, state, config, generator)
         for k, v in metrics.items():
             acc[k] = acc.get(k, 0.0) + v
