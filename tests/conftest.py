@@ -99,3 +99,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("checkpoint") / "tiny_x4.pt"
     save(serving_checkpoint(training_checkpoint(make_state(build_model(config), config), config)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(s3_endpoint, tmp_path_factory):
+    """A head (no CPUs: drivers and controllers) and 3 worker nodes of 1 CPU, each its own Ray node with its own
+    ports (tests/multinode.py), shared by the fault tests; AWS_* reach its workers."""
+    from tests.multinode import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("multinode"), workers=3)
+    yield cluster
+    cluster.shutdown()
