@@ -8,7 +8,9 @@ import hashlib
 import io
 import json
 import re
+import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from tests.multinode import REPO, LocalCluster, wait_for
+from tests.multinode import REPO, LocalCluster, free_port, wait_for
 
 TRAIN_PHOTOS = ["astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
 VAL_PHOTOS = ["coffee"]
@@ -235,4 +237,182 @@ def evaluate_node_death(cluster: LocalCluster, checkpoint: Path, images: Path, o
         "scored": sum(scored.values()), "samples_lost": len(expected - set(scored)),
         "duplicates": sum(c - 1 for c in scored.values()), "unexpected": len(set(scored) - expected),
         "n_images_reported": report["n_images"], "seconds_kill_to_done": round(time.monotonic() - killed_at, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# S3: every request of the cluster and its drivers passes the fault proxy (tests/s3_faults.py).
+
+def s3_faults(cluster: LocalCluster, schedule, bucket: str, source: Path, reference: Path, config: Path,
+              images: Path, logs: Path) -> dict:
+    """prep to S3, train with its run directory on S3 (then --resume to more steps), export and evaluate from and
+    to S3, while `schedule` injects faults; returns what came out, compared with the fault-free `reference`
+    shards and with the objects in the bucket (read past the proxy)."""
+    import boto3
+    import torch
+
+    from pfsr import storage
+    from pfsr.checkpoint import find_checkpoint, read_checkpoint
+
+    s3 = f"s3://{bucket}"
+    schedule.enabled = True
+    t0 = time.monotonic()
+    try:
+        run_driver(cluster, ["prep", "--source", str(source), "--out", f"{s3}/shards", *PREP_ARGS], logs / "s3_prep.log")
+        train = ["train", "--config", str(config), "--data", f"{s3}/shards", "--workers", "1", "--storage",
+                 f"{s3}/runs", "--name", "s3"]
+        run_driver(cluster, [*train, "--steps", str(CHECKPOINT_EVERY)], logs / "s3_train.log")
+        run_driver(cluster, [*train, "--steps", str(2 * CHECKPOINT_EVERY), "--resume"], logs / "s3_resume.log")
+        run_driver(cluster, ["export", "--run", f"{s3}/runs/s3", "--out", f"{s3}/model.pt", "--which", "latest"],
+                   logs / "s3_export.log")
+        run_driver(cluster, ["evaluate", "--checkpoint", f"{s3}/model.pt", "--data", str(images), "--out",
+                             f"{s3}/eval", *EVAL_ARGS], logs / "s3_evaluate.log")
+    finally:
+        schedule.enabled = False
+    seconds = time.monotonic() - t0
+    shards = {e.path: hashlib.sha256(storage.read_bytes(storage.join(f"{s3}/shards", e.path))).hexdigest()
+              for e in storage.list_files(f"{s3}/shards") if e.path.endswith(".tar")}
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3}/shards/manifest.parquet"))).to_pylist()
+    ref_manifest = pq.read_table(reference / "manifest.parquet").to_pylist()
+    latest = read_checkpoint(find_checkpoint(f"{s3}/runs/s3", "latest"), kind="training")
+    served = torch.load(io.BytesIO(storage.read_bytes(f"{s3}/model.pt")), weights_only=True)
+    scored = Counter(pq.read_table(io.BytesIO(storage.read_bytes(f"{s3}/eval/per_image.parquet")))
+                     .column("key").to_pylist())
+    client = boto3.client("s3")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {
+        "faults_injected": dict(schedule.injected), "seconds": round(seconds, 1),
+        "shards_identical": shards == _digest_files(reference, "train-*.tar"),
+        "manifest_rows_equal": manifest == ref_manifest,
+        "final_step": latest["step"], "resumed_from": latest["metrics"].get("run/start_step"),
+        "export_equals_ema": served["step"] == latest["step"] and all(
+            torch.equal(served["model"][k], latest["ema"][k]) for k in latest["ema"]),
+        "images": len(list(images.glob("*.png"))), "scored": sum(scored.values()), "duplicates":
+        sum(c - 1 for c in scored.values()),
+        "half_written": [k for k in keys if k.endswith(".tmp") or "/_progress/" in k]
+        + [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Serve: 2 replicas on 2 nodes under twice their capacity; the node of one replica dies halfway.
+
+SERVE_PARAMS = "/upscale?sampler=dpmpp_2m&steps=2"
+
+
+def _post(port: int, body: bytes, timeout: float = 120) -> dict:
+    """One POST /upscale: {'start', 'end', 'status' (None: no HTTP answer), 'reset', 'retry_after', 'json'}."""
+    import http.client
+
+    start = time.monotonic()
+    out = {"start": start, "status": None, "reset": False, "retry_after": None, "json": False}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", SERVE_PARAMS, body=body, headers={"Content-Type": "image/png"})
+        resp = conn.getresponse()
+        data = resp.read()
+        out |= {"status": resp.status, "retry_after": resp.getheader("Retry-After")}
+        if resp.status != 200:
+            try:
+                out["json"] = isinstance(json.loads(data).get("error"), str)
+            except (ValueError, AttributeError):
+                pass
+    except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError):
+        out["reset"] = True
+    except OSError as e:  # refused, timed out: neither an answer nor a reset
+        out["error"] = type(e).__name__
+    finally:
+        conn.close()
+    out["end"] = time.monotonic()
+    return out
+
+
+def _closed_loop(port: int, body: bytes, clients: int, seconds: float) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = time.monotonic() + seconds
+
+    def client(_):
+        done = []
+        while time.monotonic() < stop:
+            done.append(_post(port, body))
+        return done
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [r for rs in pool.map(client, range(clients)) for r in rs]
+
+
+def serve_node_death(cluster: LocalCluster, checkpoint: Path, root: Path, logs: Path, load_s: float = 20,
+                     capacity_s: float = 10) -> dict:
+    """`pfsr serve` with 2 replicas (1 CPU each, so on 2 nodes). Capacity: what 4 closed-loop clients get for
+    `capacity_s`; then requests arrive at twice that rate for `load_s` (open loop), and the node of one replica is
+    SIGKILLed halfway. Connection resets (a request held by the killed node's own proxy: on one machine the
+    nodes' proxies share the port) are counted apart from HTTP answers."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    port = free_port()
+    config = root / "serve2.yaml"
+    config.write_text(yaml.safe_dump({"serve": {"min_replicas": 2, "max_replicas": 2, "max_batch_size": 4}}))
+    log = logs / "serve.log"
+    proc = cluster.popen(["serve", "--checkpoint", str(checkpoint), "--config", str(config), "--port", str(port)],
+                         log)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    body = buf.getvalue()
+    try:
+        wait_for(lambda: len(cluster.processes("ServeReplica")) == 2 and _post(port, body)["status"] == 200, 600,
+                 "2 serve replicas answering", interval=1, alive=lambda: proc.poll() is None)
+        hosts = cluster.processes("ServeReplica")
+        warm = _closed_loop(port, body, 4, capacity_s)
+        ok = [r for r in warm if r["status"] == 200]
+        capacity = len(ok) / capacity_s
+        rate = 2 * capacity
+        n = max(1, int(rate * load_s))
+        t0 = time.monotonic()
+        victim = max(hosts)
+        replicas_back: list[float] = []
+
+        def watch(killed_at: float) -> None:
+            while time.monotonic() < killed_at + 300:
+                if len(cluster.processes("ServeReplica")) == 2:
+                    replicas_back.append(time.monotonic())
+                    return
+                time.sleep(0.5)
+
+        def scheduled(i: int) -> dict:
+            time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            return _post(port, body)
+
+        with ThreadPoolExecutor(min(64, n)) as pool:
+            futures = [pool.submit(scheduled, i) for i in range(n)]
+            time.sleep(max(0.0, t0 + load_s / 2 - time.monotonic()))
+            killed_at = cluster.kill_node(victim)
+            watcher = threading.Thread(target=watch, args=(killed_at,))
+            watcher.start()
+            results = [f.result() for f in futures]
+        watcher.join()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    answered = [r for r in results if r["status"] is not None]
+    latencies = sorted(r["end"] - r["start"] for r in answered if r["status"] == 200)
+    after = [r for r in answered if r["status"] == 200 and r["start"] >= killed_at]
+    pct = lambda q: round(float(np.percentile(latencies, q)), 3) if latencies else None  # noqa: E731
+    return {
+        "replica_nodes_before": sorted(hosts), "killed_node": victim, "capacity_rps": round(capacity, 3),
+        "load_rps": round(rate, 3), "requests": len(results),
+        "requests_by_status": dict(Counter(str(r["status"]) for r in answered)),
+        "connection_resets": sum(r["reset"] for r in results),
+        "other_errors": dict(Counter(r["error"] for r in results if "error" in r)),
+        "non_200_without_json": sum(1 for r in answered if r["status"] != 200 and not r["json"]),
+        "503_without_retry_after": sum(1 for r in answered if r["status"] == 503 and not r["retry_after"]),
+        "latency_p50_s": pct(50), "latency_p99_s": pct(99),
+        "seconds_to_first_200_after_kill": round(min(r["end"] for r in after) - killed_at, 1) if after else None,
+        "seconds_to_2_replicas_again": round(replicas_back[0] - killed_at, 1) if replicas_back else None,
     }

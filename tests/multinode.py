@@ -22,15 +22,19 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                 "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
+STARTS = 3  # tries to start a node
 _NODES_PROBE = """
 import json, sys
 from ray._raylet import GcsClient
 infos = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20).values()
 print(json.dumps([{"port": i.node_manager_port, "alive": i.state == 0, "head": i.is_head_node,
+                   "resources": dict(i.resources_total),
                    "node_id": i.node_id.hex() if isinstance(i.node_id, bytes) else str(i.node_id)} for i in infos]))
 """
 
@@ -71,6 +75,13 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5,
              alive: Optional[Callable[[], bool]] = None):
     """Poll until predicate() is truthy (returns it); AssertionError after `timeout` s or once alive() is false."""
@@ -85,13 +96,15 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 class LocalCluster:
     """A head and `workers` worker nodes; `env` for drivers (`run`/`popen`) and for anything that talks to it."""
 
-    def __init__(self, root: Path, workers: int = 3, extra_env: Optional[dict[str, str]] = None):
+    def __init__(self, root: Path, workers: int = 3, extra_env: Optional[dict[str, str]] = None,
+                 autoscaling_config: Optional[Path] = None):
+        """`autoscaling_config`: a fake_multinode cluster YAML (cluster/fake_multinode.yaml); the head then runs
+        the v1 autoscaler with Ray's fake provider, which starts and ends worker nodes itself."""
         self.root = Path(root)
         self.temp_dir = f"/tmp/pfsr-mn-{secrets.token_hex(4)}"  # short: Ray's socket paths live below it
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "OMP_NUM_THREADS": "1",
-                "RAY_raylet_start_wait_time_s": "180",  # a node starting on a busy machine, not a failure
                 "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"} | (extra_env or {})
         self.env = env
@@ -103,17 +116,49 @@ class LocalCluster:
         self.killed: list[str] = []
         self._count = 0
         self._logs: list = []
+        head_args, head_env = [], env | HEALTH_CHECK
+        if autoscaling_config is not None:
+            config = yaml.safe_load(Path(autoscaling_config).read_text())
+            config["provider"]["gcs_address"] = self.address
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "autoscaling.yaml").write_text(yaml.safe_dump(config))
+            head_args = ["--autoscaling-config", str(self.root / "autoscaling.yaml")]
+            head_env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         try:
-            self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", "0", "--include-dashboard",
-                                 "false", "--ray-client-server-port", str(free_port())], env | HEALTH_CHECK)
-            wait_for(lambda: self._probe(quiet=True) is not None, 120, "the Ray head", interval=1,
-                     alive=lambda: self.procs["head"].poll() is None)
-            for count in range(1, workers + 1):  # one at a time: nodes starting together time out on 2 cores
+            for _ in range(STARTS):
+                self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", "0",
+                                     "--include-dashboard", "false", "--dashboard-port", str(free_port()),
+                                     "--ray-client-server-port", str(free_port()), "--disable-usage-stats",
+                                     *head_args], head_env)
+                if self._started("head", lambda: any(n["head"] and n["alive"] for n in self._probe(quiet=True))):
+                    break
+            else:
+                raise AssertionError(f"the Ray head did not start {STARTS} times: {self.root / 'head.log'}")
+            for _ in range(workers):  # one at a time: nodes starting together time out on 2 cores
                 self.add_node()
-                self.wait_alive(count)
         except BaseException:
             self.shutdown()
             raise
+
+    def _started(self, name: str, up: Callable[[], bool]) -> bool:
+        """Wait until up(); False when the node's `ray start` gave up first (Ray waits only 30 s for a raylet
+        to register, which a machine under load can exceed): its leftovers are then ended."""
+        proc, seen = self.procs[name], set()
+
+        def alive() -> bool:
+            seen.update(descendants(proc.pid))
+            return proc.poll() is None
+
+        try:
+            wait_for(up, 600, f"node {name}", interval=1, alive=alive)
+            return True
+        except AssertionError:
+            if proc.poll() is None:
+                raise
+            for pid in seen:
+                if self.temp_dir in cmdline(pid):  # still the process seen, not a new one under its pid
+                    _kill(pid)
+            return False
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -130,35 +175,42 @@ class LocalCluster:
         return name
 
     def add_node(self) -> str:
-        """Start one more worker node (1 CPU); returns its name."""
-        self._count += 1
-        return self._start(f"w{self._count}", ["--address", self.address, "--num-cpus", "1"], self.env)
+        """Start one more worker node (1 CPU) and wait until the GCS holds it alive; returns its name."""
+        for _ in range(STARTS):
+            self._count += 1
+            name = self._start(f"w{self._count}", ["--address", self.address, "--num-cpus", "1"], self.env)
+            if self._started(name, lambda: name in self.alive_workers(quiet=True)):
+                return name
+        raise AssertionError(f"a worker node did not start {STARTS} times: {self.root}")
 
-    def _probe(self, quiet: bool = False) -> Optional[list[dict]]:
-        out = subprocess.run([sys.executable, "-c", _NODES_PROBE, self.address], env=self.env, capture_output=True,
-                             text=True, timeout=60)
+    def _probe(self, quiet: bool = False) -> list[dict]:
+        """The GCS's node table; `quiet`: [] while the GCS does not answer."""
+        try:
+            out = subprocess.run([sys.executable, "-c", _NODES_PROBE, self.address], env=self.env,
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            if quiet:
+                return []
+            raise
         if out.returncode:
             if quiet:
-                return None
+                return []
             raise AssertionError(out.stderr[-2000:])
         return json.loads(out.stdout)
 
-    def alive_workers(self) -> list[str]:
+    def alive_workers(self, quiet: bool = False) -> list[str]:
         """Names of the worker nodes the GCS holds alive."""
         by_port = {port: name for name, port in self.ports.items()}
-        return sorted(by_port[n["port"]] for n in self._probe() if n["alive"] and not n["head"]
+        return sorted(by_port[n["port"]] for n in self._probe(quiet) if n["alive"] and not n["head"]
                       and n["port"] in by_port)
 
-    def wait_alive(self, count: int, timeout: float = 120) -> list[str]:
+    def worker_node_resources(self) -> list[dict[str, float]]:
+        """Total resources of each alive worker node, those started here and those an autoscaler started."""
+        return [n["resources"] for n in self._probe() if n["alive"] and not n["head"]]
+
+    def wait_alive(self, count: int, timeout: float = 300) -> list[str]:
         return wait_for(lambda: alive if len(alive := self.alive_workers()) == count else None, timeout,
                         f"{count} alive worker nodes", interval=1)
-
-    def node_of(self, pid: int) -> Optional[str]:
-        """The worker node whose process tree holds `pid`."""
-        for name, proc in self.procs.items():
-            if name != "head" and pid in descendants(proc.pid):
-                return name
-        return None
 
     def processes(self, marker: str) -> dict[str, list[int]]:
         """node name -> pids of its processes whose command line holds `marker` (e.g. a Ray actor's class)."""
@@ -176,10 +228,7 @@ class LocalCluster:
         proc = self.procs[name]
         pids = [proc.pid] + descendants(proc.pid)
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(pid)
         proc.wait()
         self.killed.append(name)
         return time.monotonic()
@@ -187,9 +236,8 @@ class LocalCluster:
     def replace_dead(self, count: int) -> list[str]:
         """Start worker nodes in place of killed ones until `count` are alive (waits for the GCS)."""
         alive = [n for n, p in self.procs.items() if n != "head" and p.poll() is None]
-        for more in range(1, count - len(alive) + 1):
+        for _ in range(count - len(alive)):
             self.add_node()
-            self.wait_alive(len(alive) + more)
         return self.wait_alive(count)
 
     def popen(self, args: list[str], log: Path, **kwargs) -> subprocess.Popen:
@@ -212,10 +260,15 @@ class LocalCluster:
                     proc.kill()
         for name, proc in self.procs.items():
             for pid in started[name] + descendants(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill(pid)
+        self._kill_leftovers()
         for log in self._logs:
             log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _kill_leftovers(self) -> None:
+        """SIGKILL whatever of this cluster still runs (Ray's processes name the cluster's own temp folder on
+        their command line)."""
+        for pid in parents():
+            if self.temp_dir in cmdline(pid):
+                _kill(pid)
