@@ -13,6 +13,7 @@ of the evaluation without a score. Serve: capacity over 10 s, then 60 s at twice
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -71,48 +72,55 @@ def main() -> dict:
         cluster = LocalCluster(root / "cluster", workers=WORKER_NODES, extra_env={"AWS_ENDPOINT_URL": proxy.url})
         started_s = time.perf_counter() - t0
         print(f"cluster of {WORKER_NODES} worker nodes up in {started_s:.0f} s", file=sys.stderr)
-        try:
-            source = fs.write_photos(photos, fs.TRAIN_PHOTOS, root / "photos")
-            reference = fs.prep_reference(cluster, source, root / "prep_whole", logs)
-            cluster.replace_dead(WORKER_NODES)
-            r = fs.prep_node_death(cluster, source, reference, root / "prep_killed", logs)
-            scenarios["prep_node"] = figures(r, seconds_to_recover=r["seconds_kill_to_done"])
-            print(f"prep: {r}", file=sys.stderr)
 
+        def run(name: str, scenario) -> None:
+            """One scenario on a whole cluster; a failure is recorded and the next scenario still runs."""
             cluster.replace_dead(WORKER_NODES)
-            config = fs.train_config(root)
+            try:
+                scenarios[name] = scenario()
+            except Exception as e:  # noqa: BLE001 - reported in the result
+                scenarios[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"{name}: {json.dumps(scenarios[name])}", file=sys.stderr)
+
+        source = fs.write_photos(photos, fs.TRAIN_PHOTOS, root / "photos")
+        config = fs.train_config(root)
+        model_config = load_config(BENCH.parent / "configs" / "tiny.yaml")
+        torch.manual_seed(0)
+        checkpoint = root / "tiny_x4.pt"
+        save(serving_checkpoint(training_checkpoint(make_state(build_model(model_config), model_config),
+                                                    model_config)), checkpoint)
+
+        def prep() -> dict:
+            r = fs.prep_node_death(cluster, source, reference, root / "prep_killed", logs)
+            return figures(r, seconds_to_recover=r["seconds_kill_to_done"])
+
+        def train() -> dict:
             whole = fs.train_reference(cluster, config, reference, root / "runs", logs)
             cluster.replace_dead(WORKER_NODES)
             r = fs.train_node_death(cluster, config, reference, root / "runs", whole, logs)
-            scenarios["train_node"] = figures(r, steps_redone=r["steps_redone_at_least"],
-                                              seconds_to_recover=r["seconds_to_recover"])
-            print(f"train: {r}", file=sys.stderr)
+            return figures(r, steps_redone=r["steps_redone_at_least"], seconds_to_recover=r["seconds_to_recover"])
 
-            cluster.replace_dead(WORKER_NODES)
-            model_config = load_config(BENCH.parent / "configs" / "tiny.yaml")
-            torch.manual_seed(0)
-            checkpoint = root / "tiny_x4.pt"
-            save(serving_checkpoint(training_checkpoint(make_state(build_model(model_config), model_config),
-                                                        model_config)), checkpoint)
-            images = fs.write_eval_images(photos["coffee"], root / "eval_images")
-            r = fs.evaluate_node_death(cluster, checkpoint, images, root / "eval", logs)
-            scenarios["evaluate_replica_node"] = figures(r, seconds_to_recover=r["seconds_kill_to_done"])
-            print(f"evaluate: {r}", file=sys.stderr)
+        def evaluate() -> dict:
+            r = fs.evaluate_node_death(cluster, checkpoint, fs.write_eval_images(photos["coffee"], root / "eval_in"),
+                                       root / "eval", logs)
+            return figures(r, seconds_to_recover=r["seconds_kill_to_done"])
 
-            cluster.replace_dead(WORKER_NODES)
+        def s3() -> dict:
             r = fs.s3_faults(cluster, proxy.schedule, BUCKET, source, reference, config,
                              fs.write_eval_images(photos["coffee"][:192, :288], root / "s3_images"), logs)
-            scenarios["s3_faults"] = figures({"samples_lost": r["images"] - r["scored"], **r},
-                                             seconds_to_recover=None)
-            print(f"s3: {r}", file=sys.stderr)
+            return figures({"samples_lost": r["images"] - r["scored"], **r}, seconds_to_recover=None)
 
-            cluster.replace_dead(WORKER_NODES)
+        def serve() -> dict:
             r = fs.serve_node_death(cluster, checkpoint, root, logs, load_s=60, capacity_s=10)
-            scenarios["serve_replica_node"] = figures(
-                {"samples_lost": 0, "duplicates": 0, **r}, seconds_to_recover=r["seconds_to_2_replicas_again"])
-            scenarios["serve_replica_node"] |= {"requests_by_status": r["requests_by_status"],
-                                                "connection_resets": r["connection_resets"]}
-            print(f"serve: {r}", file=sys.stderr)
+            return figures({"samples_lost": 0, "duplicates": 0, **r},
+                           seconds_to_recover=r["seconds_to_2_replicas_again"]) | {
+                "requests_by_status": r["requests_by_status"], "connection_resets": r["connection_resets"]}
+
+        try:
+            reference = fs.prep_reference(cluster, source, root / "prep_whole", logs)
+            for name, scenario in [("prep_node", prep), ("train_node", train), ("evaluate_replica_node", evaluate),
+                                   ("serve_replica_node", serve), ("s3_faults", s3)]:
+                run(name, scenario)
         finally:
             cluster.shutdown()
             proxy.stop()
