@@ -24,13 +24,15 @@ def test_fake_multinode_yaml_mirrors_aws_yaml():
     aws = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     assert not [e.message for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(fake)]
-    assert fake["provider"]["type"] == "fake_multinode" and fake["head_node_type"] == aws["head_node_type"]
-    types, aws_types = fake["available_node_types"], aws["available_node_types"]
+    assert fake["provider"]["type"] == "fake_multinode"
+    types, aws_types = dict(fake["available_node_types"]), dict(aws["available_node_types"])
+    # The fake provider names the head's type itself; the worker types are aws.yaml's.
+    types[aws["head_node_type"]] = types.pop(fake["head_node_type"])
     assert set(types) == set(aws_types)
     for name, node in types.items():
         assert ("GPU" in node["resources"]) == ("GPU" in aws_types[name]["resources"]), name
         assert (node["resources"]["CPU"] == 0) == (aws_types[name]["resources"]["CPU"] == 0), name
-    assert fake["max_workers"] == sum(t.get("max_workers", 0) for n, t in types.items() if n != fake["head_node_type"])
+    assert fake["max_workers"] == sum(t.get("max_workers", 0) for n, t in types.items() if n != aws["head_node_type"])
 
 
 @pytest.mark.ray
