@@ -45,6 +45,16 @@ def figures(r: dict, *, steps_redone=None, seconds_to_recover: float) -> dict:
             "connection_resets": 0, "seconds_to_recover": seconds_to_recover, "details": r}
 
 
+def serve_figures(r: dict) -> dict:
+    """The endpoint's figures: answers by status, resets apart; its goals are no 500 and a JSON body on every
+    answer other than 200 (samples lost and duplicates do not apply)."""
+    return {"steps_redone": None, "samples_lost": None, "duplicates": None,
+            "requests_by_status": r["requests_by_status"], "connection_resets": r["connection_resets"],
+            "requests_500": r["requests_by_status"].get("500", 0), "goal_requests_500": 0,
+            "answers_without_json_body": r["non_200_without_json"], "goal_answers_without_json_body": 0,
+            "seconds_to_recover": r["seconds_to_2_replicas_again"], "details": r}
+
+
 def s3_endpoint() -> tuple[object, S3FaultProxy]:
     """A moto S3 server on 127.0.0.1 behind the fault proxy; AWS_* of this process point at moto itself."""
     import boto3
@@ -112,9 +122,7 @@ def main() -> dict:
 
         def serve() -> dict:
             r = fs.serve_node_death(cluster, checkpoint, root, logs, load_s=60, capacity_s=10)
-            return figures({"samples_lost": 0, "duplicates": 0, **r},
-                           seconds_to_recover=r["seconds_to_2_replicas_again"]) | {
-                "requests_by_status": r["requests_by_status"], "connection_resets": r["connection_resets"]}
+            return serve_figures(r)
 
         try:
             reference = fs.prep_reference(cluster, source, root / "prep_whole", logs)
