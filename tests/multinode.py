@@ -34,8 +34,7 @@ import json, sys
 from ray._raylet import GcsClient
 infos = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20).values()
 print(json.dumps([{"port": i.node_manager_port, "alive": i.state == 0, "head": i.is_head_node,
-                   "resources": dict(i.resources_total),
-                   "node_id": i.node_id.hex() if isinstance(i.node_id, bytes) else str(i.node_id)} for i in infos]))
+                   "resources": dict(i.resources_total)} for i in infos]))
 """
 
 
