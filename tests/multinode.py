@@ -24,6 +24,9 @@ from typing import Callable, Optional
 
 import yaml
 
+from pfsr.config import ServeConfig
+from pfsr.pipeline.proxy import proxy_env
+
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                 "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -105,7 +108,8 @@ class LocalCluster:
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"} | (extra_env or {})
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+        env |= proxy_env(ServeConfig()) | (extra_env or {})  # PF-SR's layer in every node's Serve proxy, as aws.yaml
         self.env = env
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"

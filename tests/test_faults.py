@@ -82,8 +82,6 @@ def test_s3_faults_prep_train_resume_export_evaluate(cluster, s3_fault_proxy, s3
     assert r["half_written"] == [], r
 
 
-@pytest.mark.xfail(reason="until the Serve proxy middleware of issue 16 finding 2 is merged: Serve 2.60 answers a "
-                          "request held by a lost replica with a bodiless 500", strict=False)
 def test_serve_node_death_under_twice_capacity(cluster, tiny_checkpoint, tmp_path, logs):
     r = fs.serve_node_death(cluster, tiny_checkpoint, tmp_path, logs, load_s=20, capacity_s=10)
     assert len(r["replica_nodes_before"]) == 2 and r["capacity_rps"] > 0, r
