@@ -10,7 +10,9 @@ from .config import ConfigError
 from .errors import InputError
 
 SAMPLER_HELP = ("pf_ode (adaptive dopri5), sde (Euler-Maruyama), dpmpp_2m (log-SNR steps), dpmpp_2m_quadratic "
-                "(time-quadratic steps), unipc (few-step data-prediction solvers)")
+                "(time-quadratic steps), unipc (few-step data-prediction solvers), mrs_sde (MR Sampler SDE, seed "
+                "003), invsr (1-5 steps from the inverter's start, seed 001; needs an inversion-stage checkpoint)")
+ORDER_HELP = "mrs_sde's order, 1 or 2 (default 2); for mrs_sde only"
 
 
 def _upscale(p: argparse.ArgumentParser) -> None:
@@ -19,6 +21,7 @@ def _upscale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="exported checkpoint (default: the shipped models/pfsr_x4_small.pt)")
     p.add_argument("--sampler", default=None, help=SAMPLER_HELP + " (default: the checkpoint's config)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (fixed-step samplers)")
+    p.add_argument("--order", type=int, default=None, help=ORDER_HELP)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -73,6 +76,7 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=None, help="must match the checkpoint's scale (default: it)")
     p.add_argument("--sampler", default="pf_ode", help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--order", type=int, default=None, help=ORDER_HELP)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N images")

@@ -50,6 +50,9 @@ class DiffusionConfig:
     beta_max: float = 20.0
     t_min: float = 1e-3
     hybrid_c: float = 1.0  # lambda(t) = abar(t)^c; the seed picks c in [0.5, 1.5] per data set
+    # The mean of the mean-reverting view (seed 003): the residual is taken against bicubic_up(LR), or against the
+    # frozen encoder's regression output ("rrdb": needs model.diffuse residual and a frozen, pretrained encoder).
+    mean: Literal["bicubic", "rrdb"] = "bicubic"
 
 
 @dataclass
@@ -98,7 +101,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["encoder", "diffusion", "quality"] = "diffusion"
+    stage: Literal["encoder", "diffusion", "quality", "inversion"] = "diffusion"
     steps: int = 1000
     lr: float = 1e-4
     warmup_steps: int = 500
@@ -116,6 +119,15 @@ class TrainConfig:
     val_sampler: str = "dpmpp_2m"
     val_steps: int = 10
     torch_threads: int = 0  # per worker; 0 = cores / workers
+
+
+@dataclass
+class InversionConfig:
+    # Start times t* of the inversion stage (seed 001): InvSR's SD-Turbo steps {250, 200, 150, 100} matched by
+    # signal-to-noise ratio; training draws one per sample, sampler invsr starts from the first.
+    t_stars: list[float] = field(default_factory=lambda: [0.1942, 0.1636, 0.1329, 0.1011])
+    num_feat: int = 32  # width of the noise predictor
+    num_block: int = 2  # its residual blocks (LR resolution)
 
 
 @dataclass
@@ -146,6 +158,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +184,14 @@ class Config:
                f"must be a multiple of {unit} (the scale {m.scale} and the U-Net's {depth}), got {self.data.crop}")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.train.steps >= 1, "train.steps", "must be >= 1")
+        if d.mean == "rrdb":
+            _check(m.diffuse == "residual", "diffusion.mean",
+                   "rrdb takes the residual against the encoder's output: it needs model.diffuse: residual, not hr")
+            _check(self.train.stage != "encoder" and m.freeze_encoder, "diffusion.mean",
+                   "rrdb needs a frozen, pretrained encoder: train the encoder stage with diffusion.mean: bicubic "
+                   "(configs/*_encoder.yaml), then this stage with model.freeze_encoder: true and --init")
+        _check(len(self.inversion.t_stars) > 0 and all(0 < t < 1 for t in self.inversion.t_stars),
+               "inversion.t_stars", f"must be one or more times in (0, 1), got {self.inversion.t_stars}")
         _check(self.train.lr > 0, "train.lr", "must be positive")
         _check(0 <= self.train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)")
         return self

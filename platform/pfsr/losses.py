@@ -11,6 +11,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from .config import LossConfig
 from .diffusion import VPSDE, hybrid_mix
+from .models.inverter import start_state
 from .models.sr import Condition, PFSRModel
 from .sampling import ProbabilityFlowODE
 
@@ -60,6 +61,15 @@ def prediction_error(model: PFSRModel, r0: Tensor, cond: Condition, t_edges: Ten
         eps_err.append(F.mse_loss(eps_hat.double(), eps.double()))
         r0_err.append(F.mse_loss(x0_hat.double(), r0.double()))
     return {"eps": torch.stack(eps_err).cpu(), "r0": torch.stack(r0_err).cpu()}
+
+
+def inversion_loss(x0_fn, sde: VPSDE, r0: Tensor, t: Tensor, mean: Tensor, logvar: Tensor, xi: Tensor,
+                   r_init: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Seed 001's objective of the start noise: one data prediction x0_fn(x_t*, t*) from
+    x_t* = alpha r_init + sigma (mean + exp(logvar / 2) xi), and its mean squared distance to the clean r0.
+    Returns (L2 loss, x0_hat); the caller adds the image-quality features of x0_hat."""
+    x0_hat = x0_fn(start_state(sde, t, mean, logvar, xi, r_init), t)
+    return F.mse_loss(x0_hat.float(), r0.float()), x0_hat
 
 
 def l1_regression_loss(model: PFSRModel, lr: Tensor, hr: Tensor) -> Tensor:
@@ -166,7 +176,8 @@ def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Mod
     """
     dtype = torch.promote_types(next(model.unet.parameters()).dtype, torch.float32)
     with torch.autocast(device_type=hr.device.type, enabled=False):
-        cond_ode = Condition(features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype))
+        cond_ode = Condition(features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype),
+                             mean=None if cond.mean is None else cond.mean.to(dtype))
         x_T = torch.randn(hr.shape, device=hr.device, generator=generator, dtype=dtype)
         r = solve_pf_ode_adjoint(model, cond_ode, x_T, cfg, adjoint=adjoint)
         return distance(model.from_diffused(r, cond_ode), hr.to(dtype))
@@ -176,7 +187,9 @@ class TrainingObjective(nn.Module):
     """Everything one training step differentiates, in one forward (so DDP sees a single call).
 
     forward(hr [N x C x H x W] in [0, 1], lr [N x C x h x w], with_quality) -> dict of scalar losses with "total".
-    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (DSM + w * quality).
+    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (DSM + w * quality),
+    "inversion" (seed 001: L2 of the one-call data prediction from the inverter's start + w * quality, t* drawn
+    from inversion.t_stars per sample).
     """
 
     def __init__(self, model: PFSRModel, cfg: LossConfig, stage: str):
@@ -206,10 +219,27 @@ class TrainingObjective(nn.Module):
             return {"loss_l1": l1, "total": l1}
         cond = self.model.condition(lr)
         r0 = self.model.to_diffused(hr, cond)
+        if self.stage == "inversion":
+            return self._inversion(hr, cond, r0, with_quality, generator)
         dsm = dsm_loss(self.model, r0, cond, self.cfg, generator)
         out = {"loss_dsm": dsm, "total": dsm}
         if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
             q = quality_loss(self.model, cond, hr, self.distance, self.cfg, generator)
             out["loss_quality"] = q
             out["total"] = dsm + self.cfg.quality_weight * q
+        return out
+
+    def _inversion(self, hr: Tensor, cond: Condition, r0: Tensor, with_quality: bool,
+                   generator: Optional[torch.Generator]) -> dict[str, Tensor]:
+        model = self.model
+        t_stars = torch.tensor(model.config.inversion.t_stars, device=r0.device, dtype=r0.dtype)
+        t = t_stars[torch.randint(len(t_stars), (r0.shape[0],), device=r0.device, generator=generator)]
+        xi = torch.randn(r0.shape, device=r0.device, generator=generator, dtype=r0.dtype)
+        mean, logvar = model.inverter(cond.lr, cond.features, t)
+        l2, x0_hat = inversion_loss(lambda x, tt: model.denoise(x, tt, cond)[1], model.sde, r0, t, mean, logvar, xi)
+        out = {"loss_l2": l2, "total": l2, "start_std": torch.exp(0.5 * logvar.detach().float()).mean()}
+        if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
+            q = self.distance(model.from_diffused(x0_hat.float(), cond), hr.float())
+            out["loss_quality"] = q
+            out["total"] = l2 + self.cfg.quality_weight * q
         return out

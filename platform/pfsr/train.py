@@ -20,11 +20,15 @@ log = logging.getLogger("pfsr.train")
 
 
 def set_trainable(model: PFSRModel, stage: str) -> None:
-    """Encoder stage: only the RRDB (trunk and regression head). Diffusion/quality stages: the U-Net and the RRDB
+    """Encoder stage: only the RRDB (trunk and regression head). Inversion stage: only the inverter.
+    Diffusion/quality stages: the U-Net and the RRDB
     trunk unless frozen; the RRDB's regression head stays as it was (it is the baseline, unused by the U-Net)."""
     model.requires_grad_(False)
     if stage == "encoder":
         model.rrdb.requires_grad_(True)
+        return
+    if stage == "inversion":  # seed 001: the noise predictor alone, the PF-SR model frozen
+        model.inverter.requires_grad_(True)
         return
     model.unet.requires_grad_(True)
     if not model.freeze_encoder:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..degradation import upsample
 from ..diffusion import VPSDE, hybrid_mix, sde_from_config
+from .inverter import NoisePredictor, start_state
 from .rrdb import RRDBNet
 from .unet import UNet
 
@@ -21,6 +23,8 @@ class Condition:
 
     features: Tensor
     upsampled: Tensor
+    mean: Optional[Tensor] = None  # diffusion.mean rrdb: the frozen encoder's output, the residual's reference
+    lr: Optional[Tensor] = None  # the LR input (the inverter's)
 
 
 class PFSRModel(nn.Module):
@@ -50,6 +54,14 @@ class PFSRModel(nn.Module):
         self.freeze_encoder = m.freeze_encoder
         if m.freeze_encoder:
             self.rrdb.requires_grad_(False)
+        self.diffusion_mean = config.diffusion.mean
+        # The inversion stage's noise predictor (seed 001); a checkpoint of that stage carries it.
+        self.inverter: Optional[NoisePredictor] = None
+        if config.train.stage == "inversion":
+            self.inverter = NoisePredictor(in_channels=m.in_channels, feat_channels=self.rrdb.feature_channels,
+                                           num_feat=config.inversion.num_feat, num_block=config.inversion.num_block,
+                                           scale=m.scale)
+        self.t_star = config.inversion.t_stars[0]  # sampler invsr's start time
 
     @property
     def lr_multiple(self) -> int:
@@ -71,17 +83,30 @@ class PFSRModel(nn.Module):
                 features = self.rrdb.features(lr)
         else:
             features = self.rrdb.features(lr)
-        return Condition(features=features, upsampled=upsample(lr, self.scale))
+        mean = None
+        if self.diffusion_mean == "rrdb":
+            with torch.no_grad():  # the frozen encoder's estimate of HR (config validation insists on frozen)
+                mean = self.rrdb(lr)
+        return Condition(features=features, upsampled=upsample(lr, self.scale), mean=mean, lr=lr)
 
     def to_diffused(self, hr: Tensor, cond: Condition) -> Tensor:
         if self.diffuse == "residual":
-            return self.residual_scale * (hr - cond.upsampled)
+            return self.residual_scale * (hr - (cond.upsampled if cond.mean is None else cond.mean))
         return 2 * hr - 1
 
     def from_diffused(self, r: Tensor, cond: Condition) -> Tensor:
         if self.diffuse == "residual":
-            return cond.upsampled + r / self.residual_scale
+            return (cond.upsampled if cond.mean is None else cond.mean) + r / self.residual_scale
         return (r + 1) / 2
+
+    def inversion_start(self, cond: Condition, t: Tensor, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The inverter's start state at t* [N] from xi [N x C x H x W] -> (x_t*, mean, logvar). The LR
+        estimate (bicubic or RRDB, the residual's reference) is r = 0 in the diffused variable, so r_init = 0."""
+        if self.inverter is None:
+            raise ValueError("this model has no inverter: train one with train.stage: inversion "
+                             "(configs/*_inversion.yaml, --init this model's run)")
+        mean, logvar = self.inverter(cond.lr, cond.features, t)
+        return start_state(self.sde, t, mean, logvar, xi), mean, logvar
 
     def heads(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
         """x_t [N x C x H x W], t [N] -> (e, d), each [N x C x H x W]."""
