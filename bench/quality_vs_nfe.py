@@ -202,9 +202,11 @@ def plot_seeds(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sections = [("stochastic", "mrs_sde vs SDE (mean ± SD over seeds)")]
+    sections = [("stochastic", "mrs_sde vs SDE (mean ± SD over seeds)")] if "curves" in result["stochastic"] else []
     if result["inversion"].get("measured"):
         sections.append(("inversion", f"from t* = {result['inversion']['t_star']:g} (invsr) vs dpmpp_2m"))
+    if not sections:
+        return
     fig, axes = plt.subplots(len(sections), 2, figsize=(12, 4.2 * len(sections)), squeeze=False)
     for row, (key, title) in zip(axes, sections):
         for ax, metric, label in zip(row, ("psnr_y", "gradient_energy"), ("PSNR(Y) [dB]", "gradient energy (Y)")):
@@ -288,6 +290,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mrs-steps", type=int, nargs="+", default=[5, 10, 20], help="mrs_sde (order 2)")
     ap.add_argument("--seeded-sde-steps", type=int, nargs="+", default=[100, 1000], help="SDE beside mrs_sde")
     ap.add_argument("--invsr-steps", type=int, nargs="+", default=[1, 2, 3, 5])
+    ap.add_argument("--sections", nargs="*", choices=["stochastic", "inversion"], default=["stochastic", "inversion"],
+                    help="the seed sections to run (each is long on a CPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (0: torch's default); one is steadier on a shared machine")
@@ -325,8 +329,9 @@ def main(argv=None) -> dict:
     for method, goal in GOAL_NFE.items():
         within[method] = min_nfe_within(curves[method], reference["psnr_y"], WITHIN_DB)
         within[f"goal_{method}"] = f"<= {goal}"
-    stochastic = stochastic_section(model, photos, device, args)
-    inversion = inversion_section(model, photos, device, args)
+    skipped = {"measured": False, "reason": "not run (--sections)"}
+    stochastic = stochastic_section(model, photos, device, args) if "stochastic" in args.sections else skipped
+    inversion = inversion_section(model, photos, device, args) if "inversion" in args.sections else skipped
     result = {
         "benchmark": "quality_vs_nfe",
         "checkpoint": str(args.checkpoint),
