@@ -209,8 +209,9 @@ class TrainingObjective(nn.Module):
                     else "Laplacian pyramid L1 (weight-free)")
         solver = f"rk4, {c.quality_steps} steps" if c.quality_solver == "rk4" else \
             f"dopri5, rtol {c.quality_rtol:g}"
-        return f"{features}; PF-ODE by the adjoint method ({solver}); weight {c.quality_weight:g} every " \
-               f"{c.quality_every} step(s)"
+        through = "the one-call data prediction at t*" if self.stage == "inversion" else \
+            f"PF-ODE by the adjoint method ({solver})"
+        return f"{features}; {through}; weight {c.quality_weight:g} every {c.quality_every} step(s)"
 
     def forward(self, hr: Tensor, lr: Tensor, with_quality: bool = False,
                 generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
