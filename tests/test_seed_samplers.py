@@ -62,7 +62,8 @@ def test_upscale_cli_runs_both_samplers_and_refuses_bad_settings(inversion_check
         assert got.shape == (80, 96, 3) and np.abs(got.astype(int) - expect).max() <= 1
     bad = [(["--checkpoint", str(tiny_checkpoint), "--sampler", "invsr"], "train.stage: inversion"),
            (["--checkpoint", str(inversion_checkpoint), "--sampler", "invsr", "--steps", "6"], "1 to 5 steps"),
-           (["--checkpoint", str(inversion_checkpoint), "--sampler", "mrs_sde", "--order", "3"], "order must be 1 or 2"),
+           (["--checkpoint", str(inversion_checkpoint), "--sampler", "mrs_sde", "--order", "3"],
+            "order must be 1 or 2"),
            (["--checkpoint", str(inversion_checkpoint), "--sampler", "dpmpp_2m", "--order", "2"], "mrs_sde")]
     for flags, message in bad:
         out = tmp_path / "bad.png"

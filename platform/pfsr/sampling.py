@@ -23,15 +23,18 @@ The multistep solvers work in half log-SNR time lambda = log(alpha / sigma) and 
 SCHEDULES) when called directly. **With fewer than 10 steps they take a first-order last step** (as the reference
 DPM-Solver and UniPC code), which keeps few-step samples stable; from 10 steps on every step has the full order.
 
-Mean-reverting view (seed 003, MR Sampler). PF-SR diffuses r = k (HR - mu) with mu = bicubic_up(LR); in image
+Mean-reverting view (seed 003, MR Sampler). PF-SR diffuses r = k (HR - mu) with mu = bicubic_up(LR) (or the
+frozen encoder's output with diffusion.mean: rrdb); in image
 space X = mu + r / k the VP SDE dr = -beta/2 r dt + sqrt(beta) dW is the mean-reverting SDE of MR Diffusion
     dX = theta_t (mu - X) dt + sigma_t dW,   theta_t = beta(t) / 2,   sigma_t = sqrt(beta(t)) / k,
-whose stationary law is N(mu, lambda^2) with lambda^2 = sigma_t^2 / (2 theta_t), lambda = 1 / k. The symbols map as
-    MRS alpha_t = exp(-int_0^t theta) = VPSDE.alpha(t);   MRS sigma_t = lambda sqrt(1 - alpha_t^2) = VPSDE.sigma(t) / k;
+whose stationary law is N(mu, lambda^2) with lambda^2 = sigma_t^2 / (2 theta_t), lambda = 1 / k. Symbols map as
+    MRS alpha_t = exp(-int_0^t theta) = VPSDE.alpha(t);
+    MRS sigma_t = lambda sqrt(1 - alpha_t^2) = VPSDE.sigma(t) / k;
     MRS lambda_t = log(alpha_t / sigma_t) = VPSDE.log_snr(t) + log k (steps h in lambda are the same);
     MRS data prediction x_theta = mu + x0 / k;   MRS "mu" terms = the offset mu of X (zero in r).
 In these coordinates MRS's ODE updates in data prediction,
-    order 1: X_t = sigma_t/sigma_s X_s - alpha_t (e^-h - 1) x_theta + mu (1 - sigma_t/sigma_s + sigma_t/sigma_s alpha_s - alpha_t)
+    order 1: X_t = sigma_t/sigma_s X_s - alpha_t (e^-h - 1) x_theta
+                   + mu (1 - sigma_t/sigma_s + sigma_t/sigma_s alpha_s - alpha_t)
     order 2: the same with x_theta -> x_theta_s + (x_theta_s - x_theta_prev) / (2 r)
 are exactly LambdaGrid.first_order_step and DPM-Solver++(2M) (tests/test_mrs.py checks both to float64 precision);
 the reference code's order 2 weighs the difference by (e^-h - 1) / h + 1 instead of (e^-h - 1) / 2 (the "taylor"

@@ -3,8 +3,9 @@
 Query parameters of /upscale: `sampler` (a key of pfsr.sampling.SAMPLERS, default serve.default_sampler),
 `steps` (fixed-step samplers; default serve.default_steps for the default sampler, else the sampler's own default,
 pfsr.sampling.DEFAULT_STEPS; pf_ode without steps is adaptive dopri5; invsr takes 1-5 and a checkpoint with an
-inverter), `order` (mrs_sde only: 1 or 2, default 2), `rtol` and `atol` (adaptive pf_ode only), `seed` (default 0). The response carries X-PFSR-NFE, X-PFSR-Seconds (solver time
-of its batch) and X-PFSR-Batch (how many requests shared the solve).
+inverter), `order` (mrs_sde only: 1 or 2, default 2), `rtol` and `atol` (adaptive pf_ode only), `seed` (default 0).
+The response carries X-PFSR-NFE, X-PFSR-Seconds (solver time of its batch) and X-PFSR-Batch (how many requests
+shared the solve).
 
 Batching: requests meet in `@serve.batch` (serve.max_batch_size, serve.batch_wait_timeout_s) and are grouped by
 (sampler settings, size bucket) in `pfsr.pipeline.batching`: each request keeps its own seed and padding, adaptive
