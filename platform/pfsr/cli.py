@@ -42,6 +42,10 @@ def _prep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None,
                    help="at most this many parallel tasks (default: all CPUs); the output is the same for any value")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--masks", default="none", choices=["none", "felzenszwalb", "slic"],
+                   help="seed 002: segment each whole image (scikit-image) and store its label mask per sample")
+    p.add_argument("--masks-from", default=None, metavar="DIR",
+                   help="seed 002: your own (e.g. SAM) masks, DIR/<image path without extension>.png|.npy|.json")
 
 
 def _train(p: argparse.ArgumentParser) -> None:

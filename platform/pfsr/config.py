@@ -42,6 +42,11 @@ class ModelConfig:
     # What is diffused: "residual" r = k (HR - bicubic_up(LR)) as the reference code (k = 5), or "hr" (2 HR - 1).
     diffuse: Literal["residual", "hr"] = "residual"
     residual_scale: float = 5.0
+    # Seed 004: quantized adaptive condition added to the time embedding, and the prior of its code at sampling
+    # ("histogram" of training codes or "lr", a predictor from the RRDB features); "none": off.
+    adaptive_condition: Literal["none", "histogram", "lr"] = "none"
+    adaptive_condition_dims: int = 20  # code dimensions d (the seed: 20)
+    adaptive_condition_levels: int = 2  # levels L per dimension (the seed: 2); the histogram holds L^d bins
 
 
 @dataclass
@@ -50,6 +55,10 @@ class DiffusionConfig:
     beta_max: float = 20.0
     t_min: float = 1e-3
     hybrid_c: float = 1.0  # lambda(t) = abar(t)^c; the seed picks c in [0.5, 1.5] per data set
+    # Seed 002: "structure" trains on eps' = eps + c(t) E(M), E(M) the mask's positional encoding per region
+    # (needs shards from `pfsr prep --masks`); sampling is unchanged.
+    noise_modulation: Literal["none", "structure"] = "none"
+    noise_modulation_scale: float = 0.01  # c(t) = scale sigma(t) beta(t); 0.01: the official 100-step coefficient
 
 
 @dataclass
@@ -163,6 +172,10 @@ class Config:
         _check(0 < d.t_min < 1, "diffusion.t_min", f"must lie in (0, 1), got {d.t_min}")
         _check(0 < d.beta_min < d.beta_max, "diffusion.beta_max", "need 0 < beta_min < beta_max")
         _check(d.hybrid_c > 0, "diffusion.hybrid_c", f"must be positive, got {d.hybrid_c}")
+        _check(m.adaptive_condition_dims >= 1, "model.adaptive_condition_dims", "must be >= 1")
+        _check(m.adaptive_condition_levels >= 2, "model.adaptive_condition_levels", "must be >= 2")
+        _check(m.adaptive_condition_levels ** m.adaptive_condition_dims <= 2**24, "model.adaptive_condition_dims",
+               "levels^dims (the histogram's bins) must be at most 2^24")
         _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
         _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
         depth = 2 ** (len(m.unet_channel_mult) - 1)
