@@ -5,7 +5,9 @@ prior), and the histogram prior equal on both ranks of a 2-worker Ray Train run 
 Kept small for 2 shared cores: a reduced configs/tiny.yaml, 32 px crops, a few steps."""
 from __future__ import annotations
 
+import io
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,12 @@ SMALL = {"model.rrdb_num_feat": 8, "model.rrdb_num_block": 2, "model.rrdb_num_gr
          "model.unet_attention_levels": [1], "data.crop": 32, "data.batch_size": 2, "data.val_images": 1,
          "data.val_max_size": 32, "train.warmup_steps": 1, "train.log_every": 2, "train.val_every": 4,
          "train.checkpoint_every": 4, "train.steps": 4, "train.val_steps": 2, "model.adaptive_condition_dims": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_config(path: Path, **over) -> Path:
@@ -77,6 +85,29 @@ def test_pfsr_train_runs_the_new_options(masked_shards, tmp_path):
     assert report["adaptive_condition"] == "adaptive condition: 8 dims x 2 levels, code from the lr prior " \
                                            "(LR predictor from RRDB features)"
     assert report["n_images"] == 1 and report["model"]["nfe"] == 2
+    # Serve: the prior in the X-PFSR-Notes header
+    import httpx
+    from ray import serve
+
+    from pfsr.config import ServeConfig
+    from pfsr.pipeline.serve import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(str(model), ServeConfig(max_pixels=32 * 32, tile=32, token_env="PFSR_UNSET_TOKEN",
+                                                    min_replicas=1, max_replicas=1)),
+                  name="pfsr-seeds", route_prefix="/seeds")
+        buf = io.BytesIO()
+        Image.new("RGB", (12, 8), (90, 120, 30)).save(buf, format="PNG")
+        r = httpx.post(f"http://127.0.0.1:{port}/seeds/upscale", content=buf.getvalue(),
+                       params={"sampler": "dpmpp_2m", "steps": "2"}, headers={"Content-Type": "image/png"},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        assert "code from the lr prior" in r.headers["X-PFSR-Notes"]
+        assert Image.open(io.BytesIO(r.content)).size == (48, 32)
+    finally:
+        serve.shutdown()
 
 
 def test_histogram_prior_is_the_same_on_every_rank_of_a_two_worker_run(masked_shards, tmp_path):
