@@ -6,7 +6,7 @@ Data: scikit-image's photos, `pfsr prep --masks felzenszwalb` (128 px sub-images
 held back for validation (center crops of data.val_max_size). --steps sets every method's total training steps
 (the stages keep their proportions), --batch-size the batch of every stage.
 
-    python bench/methods.py [--steps 120] [--batch-size 4] [--seeds 3]
+    python bench/methods.py [--steps 120] [--batch-size 4] [--seeds 3] [--val-size 128]
 
 Prints one JSON object (compare.json's summary and differences) and writes bench/results/methods.json, and the
 page, plot and table beside it (methods.html, methods.png, methods.csv).
@@ -32,14 +32,16 @@ METHODS = ("baseline", "structure", "adaptive", "rrdb_mean", "invsr")
 HELD_BACK = ("chelsea", "coffee")
 
 
-def scaled_method(src: Path, dest: Path, steps: int, batch_size: int) -> Path:
-    """A copy of the method file with its stages' steps scaled to `steps` in all and the batch size set."""
+def scaled_method(src: Path, dest: Path, steps: int, batch_size: int, val_size: int) -> Path:
+    """A copy of the method file with its stages' steps scaled to `steps` in all, the batch size and the
+    validation crop (data.val_max_size) set."""
     doc = yaml.safe_load(src.read_text())
     total = sum(s["steps"] for s in doc["stages"])
     for i, stage in enumerate(doc["stages"]):
         stage["config"] = str((src.parent / stage["config"]).resolve())
         stage["steps"] = max(1, round(stage["steps"] * steps / total))
-        stage["overrides"] = (stage.get("overrides") or {}) | {"data.batch_size": batch_size}
+        stage["overrides"] = (stage.get("overrides") or {}) | {"data.batch_size": batch_size,
+                                                               "data.val_max_size": val_size}
     doc["stages"][-1]["steps"] += steps - sum(s["steps"] for s in doc["stages"])
     dest.write_text(yaml.safe_dump(doc))
     return dest
@@ -50,6 +52,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--val-size", type=int, default=128, help="center crop of the validation photos (HR px)")
     p.add_argument("--samplers", nargs="+", default=["dpmpp_2m:1", "dpmpp_2m:2", "dpmpp_2m:4", "dpmpp_2m:10"])
     args = p.parse_args()
     import ray
@@ -70,7 +73,7 @@ def main() -> None:
         if code:
             sys.exit(code)
         files = [scaled_method(ROOT / "configs" / "methods" / f"{m}.yaml", work / f"{m}.yaml", args.steps,
-                               args.batch_size) for m in METHODS]
+                               args.batch_size, args.val_size) for m in METHODS]
         report = compare([str(f) for f in files], data=str(work / "shards"), val_data=str(work / "val"),
                          out=str(work / "out"), seeds=args.seeds, samplers=args.samplers)
         results = ROOT / "bench" / "results"
@@ -84,7 +87,7 @@ def main() -> None:
         "benchmark": "methods",
         "what": f"pfsr compare on the tiny config, {args.steps} training steps per method (batch "
                 f"{args.batch_size}), {args.seeds} seeds; PSNR(Y) on the held-back photos {', '.join(HELD_BACK)} "
-                "(center crops of data.val_max_size), 8-bit bicubic x4 LR",
+                f"(center {args.val_size} px crops), 8-bit bicubic x4 LR",
         "seconds": round(time.perf_counter() - t0, 1),
         "summary": report["summary"], "differences": report["differences"], "unavailable": report["unavailable"],
         "failed_trials": [t for t in report["trials"] if t["error"]],
