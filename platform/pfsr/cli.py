@@ -45,6 +45,10 @@ def _prep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None,
                    help="at most this many parallel tasks (default: all CPUs); the output is the same for any value")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--masks", default="none", choices=["none", "felzenszwalb", "slic"],
+                   help="seed 002: segment each whole image (scikit-image) and store its label mask per sample")
+    p.add_argument("--masks-from", default=None, metavar="DIR",
+                   help="seed 002: your own (e.g. SAM) masks, DIR/<image path without extension>.png|.npy|.json")
 
 
 def _train(p: argparse.ArgumentParser) -> None:
@@ -117,6 +121,22 @@ def _sweep_c(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None)
 
 
+def _compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD.yaml",
+                   help="method files: stages (config and steps each), the same total steps for all")
+    p.add_argument("--data", required=True, help="train shards URI, the same for every method")
+    p.add_argument("--val-data", required=True, help="validation images (shards or a folder)")
+    p.add_argument("--seeds", type=int, default=3, help="trials per method, train.seed = 0 .. seeds - 1")
+    p.add_argument("--samplers", nargs="+", default=["dpmpp_2m:1", "dpmpp_2m:2", "dpmpp_2m:4", "dpmpp_2m:10"],
+                   metavar="SAMPLER[:STEPS]", help="sampler settings every method is scored at")
+    p.add_argument("--out", required=True, help="output directory (compare.json, .csv, .png, .html)")
+    p.add_argument("--storage", default=None, help="Ray Tune storage (default: OUT/tune, or a temp dir for s3://)")
+    p.add_argument("--max-concurrent-trials", type=int, default=1, help="0: as many as the resources allow")
+    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--ray-address", default=None)
+
+
 def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="your own images (local or s3://); default: scikit-image's photos")
     p.add_argument("--out", default="demo_out")
@@ -132,6 +152,7 @@ COMMANDS = {
     "evaluate": ("evaluate with Ray Data batch inference", _evaluate, "pfsr.pipeline.evaluate:run_cli"),
     "serve": ("run the Ray Serve endpoint", _serve, "pfsr.pipeline.serve:run_cli"),
     "sweep-c": ("choose the hybrid constant c with Ray Tune", _sweep_c, "pfsr.pipeline.sweep:run_cli"),
+    "compare": ("compare methods on the same budget with Ray Tune", _compare, "pfsr.pipeline.compare:run_cli"),
     "demo": ("the whole pipeline on the bundled photos", _demo, "pfsr.pipeline.demo:run_cli"),
 }
 

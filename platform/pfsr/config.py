@@ -42,6 +42,11 @@ class ModelConfig:
     # What is diffused: "residual" r = k (HR - bicubic_up(LR)) as the reference code (k = 5), or "hr" (2 HR - 1).
     diffuse: Literal["residual", "hr"] = "residual"
     residual_scale: float = 5.0
+    # Seed 004: quantized adaptive condition added to the time embedding, and the prior of its code at sampling
+    # ("histogram" of training codes or "lr", a predictor from the RRDB features); "none": off.
+    adaptive_condition: Literal["none", "histogram", "lr"] = "none"
+    adaptive_condition_dims: int = 20  # code dimensions d (the seed: 20)
+    adaptive_condition_levels: int = 2  # levels L per dimension (the seed: 2); the histogram holds L^d bins
 
 
 @dataclass
@@ -53,6 +58,10 @@ class DiffusionConfig:
     # The mean of the mean-reverting view (seed 003): the residual is taken against bicubic_up(LR), or against the
     # frozen encoder's regression output ("rrdb": needs model.diffuse residual and a frozen, pretrained encoder).
     mean: Literal["bicubic", "rrdb"] = "bicubic"
+    # Seed 002: "structure" trains on eps' = eps + c(t) E(M), E(M) the mask's positional encoding per region
+    # (needs shards from `pfsr prep --masks`); sampling is unchanged.
+    noise_modulation: Literal["none", "structure"] = "none"
+    noise_modulation_scale: float = 0.01  # c(t) = scale sigma(t) beta(t); 0.01: the official 100-step coefficient
 
 
 @dataclass
@@ -176,6 +185,10 @@ class Config:
         _check(0 < d.t_min < 1, "diffusion.t_min", f"must lie in (0, 1), got {d.t_min}")
         _check(0 < d.beta_min < d.beta_max, "diffusion.beta_max", "need 0 < beta_min < beta_max")
         _check(d.hybrid_c > 0, "diffusion.hybrid_c", f"must be positive, got {d.hybrid_c}")
+        _check(m.adaptive_condition_dims >= 1, "model.adaptive_condition_dims", "must be >= 1")
+        _check(m.adaptive_condition_levels >= 2, "model.adaptive_condition_levels", "must be >= 2")
+        _check(m.adaptive_condition_levels ** m.adaptive_condition_dims <= 2**24, "model.adaptive_condition_dims",
+               "levels^dims (the histogram's bins) must be at most 2^24")
         _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
         _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
         depth = 2 ** (len(m.unet_channel_mult) - 1)

@@ -58,19 +58,21 @@ def _prior(shape: Sequence[int], seeds: Sequence[int], device, dtype) -> Tensor:
 @torch.no_grad()
 def super_resolve(model: PFSRModel, lr: Tensor, *, method: str = "pf_ode", steps: Optional[int] = None,
                   rtol: float = 1e-4, atol: float = 1e-4, seeds: Optional[Sequence[int]] = None,
-                  order: Optional[int] = None) -> tuple[Tensor, int]:
+                  order: Optional[int] = None, code_seeds: Optional[Sequence[int]] = None) -> tuple[Tensor, int]:
     """LR [N x C x h x w] in [0, 1] (sides a multiple of model.lr_multiple) -> (SR [N x C x sh x sw] in [0, 1], NFE).
 
     NFE counts network evaluations of the batch (item-by-item solvers: the sum over items). `order`: mrs_sde's.
     invsr starts at the model's t* from the inverter's prediction, with each item's seed drawing its xi.
+    code_seeds: the seeds of the adaptive condition's histogram draws (default: seeds).
     """
     check_sampler(method, steps, order, has_inverter=model.inverter is not None)
     seeds = list(range(lr.shape[0])) if seeds is None else list(seeds)
     if not is_deterministic_batchable(method, steps) and lr.shape[0] > 1:
+        code_seeds = seeds if code_seeds is None else list(code_seeds)
         outs = [super_resolve(model, lr[i:i + 1], method=method, steps=steps, rtol=rtol, atol=atol, seeds=[s],
-                              order=order) for i, s in enumerate(seeds)]
+                              order=order, code_seeds=[code_seeds[i]]) for i, s in enumerate(seeds)]
         return torch.cat([o[0] for o in outs]), sum(o[1] for o in outs)
-    cond = model.condition(lr)
+    cond = model.condition(lr, code_seeds=seeds if code_seeds is None else code_seeds)
     eps_fn, x0_fn = model.denoiser_fns(cond)
     x_T = _prior(cond.upsampled.shape, seeds, lr.device, lr.dtype)
     generator = torch.Generator(device=lr.device).manual_seed(seeds[0])
@@ -117,7 +119,7 @@ def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = 128, overla
                         tile_batch: int = 4, order: Optional[int] = None) -> tuple[Tensor, int]:
     """One LR image [1 x C x h x w] of any size -> (SR [1 x C x sh x sw], NFE): padded to the U-Net multiple and,
     when larger than `tile` LR pixels, cut into overlapping tiles whose outputs are blended linearly over the
-    overlap. Tile i uses seed + i."""
+    overlap. Tile i uses seed + i; every tile draws its adaptive-condition code (histogram prior) with `seed`."""
     if lr.ndim != 4 or lr.shape[0] != 1:
         raise ValueError(f"expected one image [1, C, h, w], got {tuple(lr.shape)}")
     multiple = model.lr_multiple
@@ -137,7 +139,8 @@ def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = 128, overla
         chunk = boxes[start:start + tile_batch]
         tiles = torch.cat([lr[..., y:y + tile_h, x:x + tile_w] for y, x in chunk])
         sr, n = super_resolve(model, tiles, method=method, steps=steps, rtol=rtol, atol=atol,
-                              seeds=[seed + start + i for i in range(len(chunk))], order=order)
+                              seeds=[seed + start + i for i in range(len(chunk))], order=order,
+                              code_seeds=[seed] * len(chunk))
         nfe += n
         for (y, x), piece in zip(chunk, sr):
             out[..., y * s:(y + tile_h) * s, x * s:(x + tile_w) * s] += piece.float() * window
@@ -242,6 +245,8 @@ def run_cli(args) -> int:
     method = args.sampler or model.config.sampler.method
     steps = args.steps if args.steps is not None or args.sampler else model.config.sampler.steps
     check_sampler(method, steps, args.order, has_inverter=model.inverter is not None)  # before writing anything
+    if model.adaptive is not None:
+        print(model.adaptive.describe(), flush=True)
     for i, (p, q) in enumerate(zip(inputs, outputs), 1):
         t0 = time.perf_counter()
         image = upscale(p, sampler=method, steps=steps, rtol=args.rtol, atol=args.atol, seed=args.seed,

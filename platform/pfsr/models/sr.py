@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..degradation import upsample
 from ..diffusion import VPSDE, hybrid_mix, sde_from_config
+from .adaptive import AdaptiveCondition, optional_code_embedding
 from .inverter import NoisePredictor, start_state
 from .rrdb import RRDBNet
 from .unet import UNet
@@ -25,6 +26,7 @@ class Condition:
     upsampled: Tensor
     mean: Optional[Tensor] = None  # diffusion.mean rrdb: the frozen encoder's output, the residual's reference
     lr: Optional[Tensor] = None  # the LR input (the inverter's)
+    code: Optional[Tensor] = None  # seed 004: the adaptive condition's code [N x d] (models with one)
 
 
 class PFSRModel(nn.Module):
@@ -62,6 +64,10 @@ class PFSRModel(nn.Module):
                                            num_feat=config.inversion.num_feat, num_block=config.inversion.num_block,
                                            scale=m.scale)
         self.t_star = config.inversion.t_stars[0]  # sampler invsr's start time
+        self.adaptive = None if m.adaptive_condition == "none" else AdaptiveCondition(
+            in_channels=m.in_channels, feature_channels=self.rrdb.feature_channels,
+            emb_channels=4 * m.unet_base_channels, dims=m.adaptive_condition_dims,
+            levels=m.adaptive_condition_levels, prior=m.adaptive_condition)
 
     @property
     def lr_multiple(self) -> int:
@@ -75,8 +81,10 @@ class PFSRModel(nn.Module):
             raise ValueError(f"HR size {h * self.scale}x{w * self.scale} (LR {h}x{w} x{self.scale}) must be a multiple "
                              f"of {need} on both sides (U-Net depth); pad the LR image to a multiple of {self.lr_multiple}")
 
-    def condition(self, lr: Tensor) -> Condition:
-        """LR [N x C x h x w] in [0, 1] -> Condition."""
+    def condition(self, lr: Tensor, code_seeds: Optional[Sequence[int]] = None, *,
+                  prior_code: bool = True) -> Condition:
+        """LR [N x C x h x w] in [0, 1] -> Condition. With adaptive conditions (seed 004) and prior_code, its code
+        comes from the prior (the histogram draws item i's with code_seeds[i], default 0)."""
         self.check_lr_size(lr)
         if self.freeze_encoder:
             with torch.no_grad():
@@ -87,7 +95,10 @@ class PFSRModel(nn.Module):
         if self.diffusion_mean == "rrdb":
             with torch.no_grad():  # the frozen encoder's estimate of HR (config validation insists on frozen)
                 mean = self.rrdb(lr)
-        return Condition(features=features, upsampled=upsample(lr, self.scale), mean=mean, lr=lr)
+        cond = Condition(features=features, upsampled=upsample(lr, self.scale), mean=mean, lr=lr)
+        if self.adaptive is not None and prior_code:
+            cond.code = self.adaptive.prior_code(features, code_seeds or [0] * lr.shape[0])
+        return cond
 
     def to_diffused(self, hr: Tensor, cond: Condition) -> Tensor:
         if self.diffuse == "residual":
@@ -110,7 +121,8 @@ class PFSRModel(nn.Module):
 
     def heads(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
         """x_t [N x C x H x W], t [N] -> (e, d), each [N x C x H x W]."""
-        out = self.unet(torch.cat([x_t, 2 * cond.upsampled - 1], dim=1), t, cond.features)
+        out = self.unet(torch.cat([x_t, 2 * cond.upsampled - 1], dim=1), t, cond.features,
+                        code_emb=optional_code_embedding(self.adaptive, cond.code))
         return out.chunk(2, dim=1)
 
     def denoise(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ from ..features import LPIPS, VGG16_FILE, find_backbone_weights
 from ..images import decode_image, is_image_name
 from ..inference import check_sampler, resolve_device
 from ..metrics import gradient_energy, image_metrics
+from ..models.adaptive import describe_config
 from ..sampling import SAMPLERS
 from .batching import SolverSettings, WorkItem, plan_groups, run_group
 
@@ -376,6 +377,7 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
         raise InputError(f"--data {data}: nothing to evaluate")
     report = summarize(rows, scale=ckpt_scale, settings=settings, lpips_backbone=backbone,
                        diffusion_mean=config["diffusion"].get("mean", "bicubic"))
+    report["adaptive_condition"] = describe_config(config["model"])  # seed 004: the prior of the code, or null
     write_reports(out, rows, report)
     log.info("%d images in %.1f s (%.2f images/s)", len(rows), elapsed, len(rows) / elapsed)
     return report

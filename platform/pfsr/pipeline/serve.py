@@ -269,8 +269,9 @@ class Upscaler:
             return outcome.response()
         headers = {"X-PFSR-NFE": str(outcome.nfe), "X-PFSR-Seconds": f"{outcome.seconds:.3f}",
                    "X-PFSR-Batch": str(outcome.batch), "X-PFSR-Sampler": settings.method}
-        if decoded.notes:
-            headers["X-PFSR-Notes"] = "; ".join(decoded.notes).encode("ascii", "replace").decode()
+        notes = decoded.notes + ([self.engine.model.adaptive.describe()] if self.engine.model.adaptive else [])
+        if notes:
+            headers["X-PFSR-Notes"] = "; ".join(notes).encode("ascii", "replace").decode()
         return Response(outcome.png, media_type="image/png", headers=headers)
 
     def _max_body_bytes(self) -> int:
