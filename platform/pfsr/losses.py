@@ -176,7 +176,8 @@ class TrainingObjective(nn.Module):
     """Everything one training step differentiates, in one forward (so DDP sees a single call).
 
     forward(hr [N x C x H x W] in [0, 1], lr [N x C x h x w], with_quality) -> dict of scalar losses with "total".
-    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (DSM + w * quality).
+    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (w_dsm * DSM + w * quality; with
+    w_dsm = 0 no DSM is computed, and without quality_train_encoder the quality loss sees detached LR features).
     """
 
     def __init__(self, model: PFSRModel, cfg: LossConfig, stage: str):
@@ -192,12 +193,13 @@ class TrainingObjective(nn.Module):
         if self.distance is None:
             return "off"
         c = self.cfg
-        features = ("VGG19 relu5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
+        features = ("VGG19 conv5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
                     else "Laplacian pyramid L1 (weight-free)")
         solver = f"rk4, {c.quality_steps} steps" if c.quality_solver == "rk4" else \
             f"dopri5, rtol {c.quality_rtol:g}"
         return f"{features}; PF-ODE by the adjoint method ({solver}); weight {c.quality_weight:g} every " \
-               f"{c.quality_every} step(s)"
+               f"{c.quality_every} step(s); DSM weight {c.dsm_weight:g}; encoder " \
+               f"{'trained' if c.quality_train_encoder else 'not trained'} through it"
 
     def forward(self, hr: Tensor, lr: Tensor, with_quality: bool = False,
                 generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
@@ -205,11 +207,14 @@ class TrainingObjective(nn.Module):
             l1 = l1_regression_loss(self.model, lr, hr)
             return {"loss_l1": l1, "total": l1}
         cond = self.model.condition(lr)
-        r0 = self.model.to_diffused(hr, cond)
-        dsm = dsm_loss(self.model, r0, cond, self.cfg, generator)
-        out = {"loss_dsm": dsm, "total": dsm}
+        out = {"total": torch.zeros((), device=hr.device)}
+        if self.cfg.dsm_weight > 0:
+            dsm = dsm_loss(self.model, self.model.to_diffused(hr, cond), cond, self.cfg, generator)
+            out = {"loss_dsm": dsm, "total": self.cfg.dsm_weight * dsm}
         if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
+            if not self.cfg.quality_train_encoder:  # the encoder out of the adjoint parameters (reference code)
+                cond = Condition(features=cond.features.detach(), upsampled=cond.upsampled)
             q = quality_loss(self.model, cond, hr, self.distance, self.cfg, generator)
             out["loss_quality"] = q
-            out["total"] = dsm + self.cfg.quality_weight * q
+            out["total"] = out["total"] + self.cfg.quality_weight * q
         return out
