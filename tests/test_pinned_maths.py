@@ -4,7 +4,7 @@ input, the residual scale, the training step's EMA and learning-rate schedule. s
 mutations of the core fail here.
 
 Solvers: scalar Gaussian data x0 ~ N(m, s^2) per element, whose exact denoiser is linear in x,
-    x0*(x, t) = m + alpha s^2 (x - alpha m) / (alpha^2 s^2 + sigma^2),   score = -(x - alpha m) / (alpha^2 s^2 + sigma^2),
+    x0*(x, t) = m + alpha s^2 (x - alpha m) / v,   score = -(x - alpha m) / v,   v = alpha^2 s^2 + sigma^2,
 so every solver's recursion runs in numpy on three numbers (`numpy_reference` below: VP SDE beta 0.1 .. 20,
 t_min 1e-3; DPM-Solver++(2M) as dpm_solver_pytorch.py's multistep_dpm_solver_second_update; UniPC-bh2 as uni_pc.py's
 multistep_uni_pc_bh_update and sample(); RK4 as torchdiffeq's rk4 (the 3/8 rule)). The literals are its output
@@ -327,8 +327,8 @@ def test_dsm_loss_is_its_definition_by_hand(hr_batch, target, c):
 
 def test_dsm_noise_levels_are_uniform_on_t_min_to_1_and_the_noise_standard():
     """t of 2048 DSM draws: Kolmogorov-Smirnov distance to U[t_min, 1] below its 1% critical value 1.63 / sqrt(n)
-    (0.036; this draw: 0.014), which a range narrower by a tenth already exceeds (0.1); the noise implied by x_t (eps = (x_t - alpha r0) / sigma) has
-    mean 0 and variance 1 within 5 standard errors."""
+    (0.036; this draw: 0.014), which a range narrower by a tenth already exceeds (0.1); the noise implied by x_t
+    (eps = (x_t - alpha r0) / sigma) has mean 0 and variance 1 within 5 standard errors."""
     config, model = tiny()
     n = 2048
     hr = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -400,8 +400,9 @@ def test_quality_stage_weights_and_the_encoder_switch(hr_batch, dsm_weight, trai
     if dsm_weight == 0 and not train_encoder:  # gradients do not depend on requires_grad: compare them unfrozen
         model.rrdb.conv_first.requires_grad_(True)
         encoder = list(model.rrdb.conv_first.parameters())
-    out = TrainingObjective(model, config.loss, "quality")(hr_batch[:1], degrade(hr_batch[:1], 4), with_quality=True,
-                                                           generator=torch.Generator().manual_seed(0))
+    objective = TrainingObjective(model, config.loss, "quality")
+    out = objective(hr_batch[:1], degrade(hr_batch[:1], 4), with_quality=True,
+                    generator=torch.Generator().manual_seed(0))
     assert ("loss_dsm" in out) == (dsm_weight > 0)
     expected = dsm_weight * out["loss_dsm"].item() if dsm_weight > 0 else 0.0
     assert out["total"].item() == pytest.approx(expected + 0.5 * out["loss_quality"].item(), rel=1e-12)
