@@ -178,9 +178,10 @@ def np_sde(n, noise):
 
 
 def numpy_reference():
-    return {("pf_ode", 3, 2): np_rk4(3), ("dpmpp_2m", 5, 2): np_dpmpp_2m(5), ("dpmpp_2m", 12, 2): np_dpmpp_2m(12),
-            ("dpmpp_2m_quadratic", 6, 2): np_dpmpp_2m(6, _times_quadratic), ("unipc", 5, 2): np_unipc(5),
-            ("unipc", 12, 2): np_unipc(12), ("unipc", 12, 3): np_unipc(12, 3),
+    return {("pf_ode", 3, 2): np_rk4(3), ("dpmpp_2m", 5, 2): np_dpmpp_2m(5), ("dpmpp_2m", 10, 2): np_dpmpp_2m(10),
+            ("dpmpp_2m", 12, 2): np_dpmpp_2m(12), ("dpmpp_2m_quadratic", 6, 2): np_dpmpp_2m(6, _times_quadratic),
+            ("unipc", 5, 2): np_unipc(5), ("unipc", 10, 2): np_unipc(10), ("unipc", 12, 2): np_unipc(12),
+            ("unipc", 12, 3): np_unipc(12, 3),
             ("sde", 1, 2): np_sde(1, np.zeros((0, 3)))}
 
 
@@ -188,9 +189,11 @@ def numpy_reference():
 LITERALS = {
     ("pf_ode", 3, 2): [0.9154743312446877, -0.6014935737667932, 0.4195387670973832],
     ("dpmpp_2m", 5, 2): [0.8109488436044779, -0.547668334001511, 0.3757094555607452],
+    ("dpmpp_2m", 10, 2): [0.918714618552301, -0.5705789245133776, 0.4305155945111744],
     ("dpmpp_2m", 12, 2): [0.9161105615042711, -0.5710372077458331, 0.4288086498683306],
     ("dpmpp_2m_quadratic", 6, 2): [0.8652263734209293, -0.5450159016654884, 0.4112996842070224],
     ("unipc", 5, 2): [0.8278665827585606, -0.5498212785596084, 0.3847190006325321],
+    ("unipc", 10, 2): [0.9255547207102561, -0.5726792312236103, 0.4331490268278014],
     ("unipc", 12, 2): [0.9170615161514727, -0.5722875578067022, 0.42881387112183067],
     ("unipc", 12, 3): [0.8981663304130564, -0.5723266025095901, 0.4207660815882569],
     ("sde", 1, 2): [-10.749385225983044, 6.227945025489822, -3.5829940185631712],
@@ -230,7 +233,7 @@ def test_numpy_reference_gives_the_literals():
         np.testing.assert_allclose(value, LITERALS[key], rtol=0, atol=1e-15, err_msg=str(key))
 
 
-@pytest.mark.parametrize("key", sorted(LITERALS))
+@pytest.mark.parametrize("key", sorted(LITERALS), ids=lambda k: f"{k[0]}-{k[1]}-order{k[2]}")
 @pytest.mark.parametrize("with_x0_fn", [False, True])
 def test_solver_at_fixed_steps_matches_the_numpy_literal(key, with_x0_fn):
     method, steps, order = key
