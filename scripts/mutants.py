@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("platform", "tests", "configs", "models", "pyproject.toml")
 # Fastest killers first: `-x` stops at the first failure.
 CORE_TESTS = ("tests/test_pinned_maths.py", "tests/test_diffusion.py", "tests/test_sampling.py",
-              "tests/test_models.py", "tests/test_losses.py", "tests/test_features.py")
+              "tests/test_models.py", "tests/test_features.py", "tests/test_losses.py")
 
 # (name, file under platform/pfsr, old text, new text); old must occur exactly once.
 MUTANTS: list[tuple[str, str, str, str]] = [
