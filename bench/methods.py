@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import PHOTOS, load_photos, write_result
+from _common import PHOTOS, load_photos, run_benchmark, write_result
 from pfsr.cli import main as pfsr_main
 from pfsr.pipeline.compare import compare
 
@@ -58,7 +58,7 @@ def headline_figures(summary: dict, differences: list) -> dict:
                     "(5.14 FID at 6 NFE, CIFAR-10); a difference counts only beyond 2x the pooled std over seeds"}
 
 
-def main() -> None:
+def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=4)
@@ -105,8 +105,8 @@ def main() -> None:
         "failed_trials": [t for t in report["trials"] if t["error"]],
         "seconds_per_trial": {t["method"]: t["seconds"] for t in report["trials"] if t["error"] is None},
     }
-    write_result(result, ROOT / "bench" / "results" / "methods.json")
+    return write_result(result, ROOT / "bench" / "results" / "methods.json")
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from _common import load_photos as skimage_photos, write_result
+from _common import load_photos as skimage_photos, run_benchmark, write_result
 from pfsr.checkpoint import load_model
 from pfsr.degradation import degrade, to_uint8
 from pfsr.errors import InputError
@@ -388,7 +388,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     try:
-        main()
+        run_benchmark(main)
     except InputError as e:  # exit code 2, as the CLI's for bad input
         print(f"quality_vs_nfe: {e}", file=sys.stderr)
         sys.exit(2)

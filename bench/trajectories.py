@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import PHOTOS, load_photos, write_result
+from _common import PHOTOS, load_photos, run_benchmark, write_result
 from pfsr.cli import main as pfsr_main
 from pfsr.degradation import degrade, to_uint8
 from pfsr.inference import _prior
@@ -78,7 +78,7 @@ def measure(model, hr_images: list[np.ndarray], crop: int) -> dict:
             "nfe_within_0.1db": within[0] if within else None}
 
 
-def main() -> None:
+def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=4)
@@ -120,8 +120,8 @@ def main() -> None:
         "goal_curvature_ratio_adaptive_over_baseline": "< 1 (seed 004: adaptive conditions straighten)",
         "baseline": b, "adaptive": a,
     }
-    write_result(result, ROOT / "bench" / "results" / "trajectories.json")
+    return write_result(result, ROOT / "bench" / "results" / "trajectories.json")
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

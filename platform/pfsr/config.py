@@ -69,13 +69,19 @@ class LossConfig:
     dsm_target: Literal["heads", "mixed"] = "heads"  # DSM on both heads (reference code) or on the mixed eps_hat
     eps_weight: float = 1.0
     x0_weight: float = 1.0
-    quality_weight: float = 0.0  # w in DSM + w * quality; the reference fine-tuning stage uses 0.5
+    dsm_weight: float = 1.0  # loss = dsm_weight * DSM + quality_weight * quality
+    # The reference code's fine-tuning stage trains the quality loss alone (dsm_weight 0) with weight 0.5 (DIV2K,
+    # ImageNet) or 1 (CelebA): ECDP lib/trainer.py lines 236-248, conf/ecdp-*-finetune.yaml line 25.
+    quality_weight: float = 0.0
     quality_every: int = 1  # add the quality term every k-th step
-    quality_solver: Literal["rk4", "dopri5"] = "rk4"
+    quality_solver: Literal["rk4", "dopri5"] = "rk4"  # the reference code: dopri5 at rtol = atol = 1e-3
     quality_steps: int = 10  # K steps of the fixed-step solver
     quality_rtol: float = 1e-3  # dopri5 only
     quality_atol: float = 1e-3
-    # "vgg19": VGG19 relu5_4 features, L1 (needs torchvision's vgg19-dcbb9e9d.pth: quality_vgg19_weights, or None
+    # The quality loss's gradient also reaches the encoder (the LR features are adjoint parameters); the reference
+    # code keeps the encoder out of them (ECDP lib/model/diffusion.py line 120: the U-Net's parameters only).
+    quality_train_encoder: bool = True
+    # "vgg19": VGG19 conv5_4 features, L1 (needs torchvision's vgg19-dcbb9e9d.pth: quality_vgg19_weights, or None
     # to take it from torch hub's checkpoints folder, $TORCH_HOME/hub/checkpoints);
     # "laplacian": weight-free L1 over a Laplacian pyramid, works offline.
     quality_features: Literal["vgg19", "laplacian"] = "laplacian"
@@ -191,6 +197,10 @@ class Config:
                "levels^dims (the histogram's bins) must be at most 2^24")
         _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
         _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
+        _check(self.loss.dsm_weight >= 0, "loss.dsm_weight", f"must be >= 0, got {self.loss.dsm_weight}")
+        _check(self.loss.dsm_weight > 0 or self.train.stage == "encoder" or
+               (self.loss.quality_weight > 0 and self.loss.quality_every == 1), "loss.dsm_weight",
+               "is 0, so every step needs the quality loss: set loss.quality_weight > 0 and loss.quality_every: 1")
         depth = 2 ** (len(m.unet_channel_mult) - 1)
         unit = math.lcm(m.scale, depth)
         _check(self.data.crop % unit == 0, "data.crop",

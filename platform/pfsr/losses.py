@@ -2,6 +2,7 @@
 loss through the probability-flow ODE with adjoint gradients (seed 000)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -187,8 +188,8 @@ def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Mod
     """
     dtype = torch.promote_types(next(model.unet.parameters()).dtype, torch.float32)
     with torch.autocast(device_type=hr.device.type, enabled=False):
-        cond_ode = Condition(features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype),
-                             mean=None if cond.mean is None else cond.mean.to(dtype))
+        cond_ode = dataclasses.replace(cond, features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype),
+                                       mean=None if cond.mean is None else cond.mean.to(dtype))
         x_T = torch.randn(hr.shape, device=hr.device, generator=generator, dtype=dtype)
         r = solve_pf_ode_adjoint(model, cond_ode, x_T, cfg, adjoint=adjoint)
         return distance(model.from_diffused(r, cond_ode), hr.to(dtype))
@@ -199,7 +200,8 @@ class TrainingObjective(nn.Module):
 
     forward(hr [N x C x H x W] in [0, 1], lr [N x C x h x w], with_quality, mask [N x H x W] labels or None)
     -> dict of scalar losses with "total".
-    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (DSM + w * quality),
+    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (w_dsm * DSM + w * quality; with
+    w_dsm = 0 no DSM is computed, and without quality_train_encoder the quality loss sees detached LR features),
     "inversion" (seed 001: L2 of the one-call data prediction from the inverter's start + w * quality, t* drawn
     from inversion.t_stars per sample).
     Seed 002 (diffusion.noise_modulation "structure"): the DSM noise is modulated by E(mask), computed here, on the
@@ -221,13 +223,15 @@ class TrainingObjective(nn.Module):
         if self.distance is None:
             return "off"
         c = self.cfg
-        features = ("VGG19 relu5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
+        features = ("VGG19 conv5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
                     else "Laplacian pyramid L1 (weight-free)")
         solver = f"rk4, {c.quality_steps} steps" if c.quality_solver == "rk4" else \
             f"dopri5, rtol {c.quality_rtol:g}"
         through = "the one-call data prediction at t*" if self.stage == "inversion" else \
             f"PF-ODE by the adjoint method ({solver})"
-        return f"{features}; {through}; weight {c.quality_weight:g} every {c.quality_every} step(s)"
+        return f"{features}; {through}; weight {c.quality_weight:g} every {c.quality_every} step(s); " \
+               f"DSM weight {c.dsm_weight:g}; encoder {'trained' if c.quality_train_encoder else 'not trained'} " \
+               f"through it"
 
     def forward(self, hr: Tensor, lr: Tensor, with_quality: bool = False,
                 generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -241,13 +245,17 @@ class TrainingObjective(nn.Module):
         adaptive = self.model.adaptive
         if adaptive is not None:
             cond.code = adaptive.encode(r0)
-        dsm = dsm_loss(self.model, r0, cond, self.cfg, generator, structure=self._structure(mask, r0))
-        out = {"loss_dsm": dsm, "total": dsm}
+        out = {"total": torch.zeros((), device=hr.device)}
+        if self.cfg.dsm_weight > 0:
+            dsm = dsm_loss(self.model, r0, cond, self.cfg, generator, structure=self._structure(mask, r0))
+            out = {"loss_dsm": dsm, "total": self.cfg.dsm_weight * dsm}
         if adaptive is not None:
             out["loss_code"] = adaptive.predictor_loss(cond.features, cond.code)
             out["total"] = out["total"] + out["loss_code"]
             out["code"] = cond.code.detach()
         if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
+            if not self.cfg.quality_train_encoder:  # the encoder out of the adjoint parameters (reference code)
+                cond = dataclasses.replace(cond, features=cond.features.detach())
             q = quality_loss(self.model, cond, hr, self.distance, self.cfg, generator)
             out["loss_quality"] = q
             out["total"] = out["total"] + self.cfg.quality_weight * q

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import Config
+from .config import Config, LossConfig
 from .degradation import degrade, to_uint8
 from .losses import TrainingObjective
 from .models.sr import PFSRModel
@@ -19,10 +19,11 @@ from .models.sr import PFSRModel
 log = logging.getLogger("pfsr.train")
 
 
-def set_trainable(model: PFSRModel, stage: str) -> None:
+def set_trainable(model: PFSRModel, stage: str, loss: Optional[LossConfig] = None) -> None:
     """Encoder stage: only the RRDB (trunk and regression head). Inversion stage: only the inverter.
-    Diffusion/quality stages: the U-Net and the RRDB
-    trunk unless frozen; the RRDB's regression head stays as it was (it is the baseline, unused by the U-Net)."""
+    Diffusion/quality stages: the U-Net and the RRDB trunk unless frozen; the RRDB's regression head stays as it
+    was (it is the baseline, unused by the U-Net). A quality stage whose `loss` gives the encoder no gradient
+    (dsm_weight 0, quality_train_encoder off: the reference code's fine-tuning) keeps the RRDB frozen too."""
     model.requires_grad_(False)
     if stage == "encoder":
         model.rrdb.requires_grad_(True)
@@ -31,7 +32,8 @@ def set_trainable(model: PFSRModel, stage: str) -> None:
         model.inverter.requires_grad_(True)
         return
     model.unet.requires_grad_(True)
-    if not model.freeze_encoder:
+    no_encoder_gradient = loss is not None and loss.dsm_weight == 0 and not loss.quality_train_encoder
+    if not model.freeze_encoder and not no_encoder_gradient:
         model.rrdb.conv_first.requires_grad_(True)
         for i, block in enumerate(model.rrdb.body):
             block.requires_grad_(i <= max(model.rrdb.feature_blocks))
@@ -62,7 +64,7 @@ class TrainState:
 
 
 def make_state(model: PFSRModel, config: Config) -> TrainState:
-    set_trainable(model, config.train.stage)
+    set_trainable(model, config.train.stage, config.loss)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
