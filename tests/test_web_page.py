@@ -49,7 +49,7 @@ def browser():
     options = Options()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1100,900", "--force-device-scale-factor=1"):
+                 "--window-size=1100,1300", "--force-device-scale-factor=1"):
         options.add_argument(flag)  # --no-sandbox: Chromium's sandbox refuses to run as root
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_script_timeout(60)
