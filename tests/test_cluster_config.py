@@ -92,15 +92,81 @@ def test_aws_gpu_nodes_take_cuda_torch_cpu_nodes_the_pinned_build(aws):
         assert image.startswith(f"rayproject/ray:{ray.__version__}-"), f"{name}: Ray image of the client's version"
         assert image.endswith("-gpu" if gpu else "-cpu"), name
         assert f"bash ~/pfsr/cluster/install.sh {'gpu' if gpu else 'cpu'}" in commands, name
-    # The install script those commands run: there, executable, pinning torch on CPU as the Makefile does.
-    assert cfg["file_mounts"]["~/pfsr"] == "."
+    # The install script those commands run: mounted, executable, pinning torch per flavour.
+    assert cfg["file_mounts"]["~/pfsr/cluster"] == "./cluster"
     script = CLUSTER / "install.sh"
     assert os.access(script, os.X_OK)
-    cpu_line = next(line for line in script.read_text().splitlines() if line.strip().startswith("cpu)"))
-    assert "-c constraints/cpu.txt" in cpu_line
-    assert "torch==" in (ROOT / "constraints" / "cpu.txt").read_text()
-    # rsync honours .gitignore, which must keep the virtualenv on the laptop.
-    assert ".gitignore" in cfg["rsync_filter"] and ".venv/" in (ROOT / ".gitignore").read_text().split()
+    for flavour in ("cpu", "gpu"):
+        line = next(line for line in script.read_text().splitlines() if line.strip().startswith(f"{flavour})"))
+        assert f"-c constraints/{flavour}.txt" in line, flavour
+        assert "-e ." in line, f"{flavour}: the package itself is installed (Serve's proxies import it)"
+
+
+def _pin(path: Path, name: str) -> str:
+    """The version `name==X` pins in a constraints file."""
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(line) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    (req,) = [r for r in reqs if _name(str(r)) == name]
+    (spec,) = req.specifier
+    assert spec.operator == "==", (path.name, str(req))
+    return spec.version
+
+
+def test_one_torch_version_on_cpu_and_gpu_nodes():
+    """CPU and GPU nodes (cluster/install.sh, hence the images too) pin the same torch release; only the build
+    (CPU or CUDA wheel) differs. The CPU pin is also the Makefile's."""
+    cpu, gpu = (_pin(ROOT / "constraints" / f"{f}.txt", "torch") for f in ("cpu", "gpu"))
+    assert cpu == gpu and "+" not in gpu, (cpu, gpu)
+    assert "-c constraints/cpu.txt" in (ROOT / "Makefile").read_text()
+    # The Dockerfile's dependency layer runs install.sh with the constraints present.
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    assert "COPY --chown=ray:users constraints/ constraints/" in dockerfile
+    assert "bash cluster/install.sh ${FLAVOR}" in dockerfile
+
+
+def test_pyproject_pins_the_ray_of_the_cluster_images(aws):
+    """Client and cluster run one Ray: pyproject's pin = the tag of every image = KubeRay's rayVersion."""
+    from packaging.requirements import Requirement
+
+    (ray_req,) = [Requirement(d) for d in _pyproject()["project"]["dependencies"] if _name(d) == "ray"]
+    (spec,) = ray_req.specifier
+    assert spec.operator == "==", str(ray_req)
+    version = spec.version
+    images = [aws["docker"]["image"]] + [t["docker"]["worker_image"] for t in aws["available_node_types"].values()
+                                         if "worker_image" in t.get("docker", {})]
+    images += re.findall(r"^FROM (\S+)", (KUBERAY / "Dockerfile").read_text(), flags=re.M)
+    assert len(images) == 3
+    for image in images:
+        assert image.startswith(f"rayproject/ray:{version}-"), image
+    for name in MANIFESTS:
+        assert _cluster_spec(_load(KUBERAY / name))["rayVersion"] == version, name
+    assert ray.__version__ == version, "the installed Ray is the pinned one (make install)"
+
+
+def test_file_mounts_hold_what_the_nodes_install_and_not_the_checkout(aws):
+    """`ray up` hashes every file under the mounted paths (ray.autoscaler._private.util.hash_runtime_conf walks them
+    with os.walk, ignoring the rsync filters) and reruns the setup commands when the hash changes: no mount may
+    take in the checkout's root (its .venv, runs/, demo_out/)."""
+    mounts = aws["file_mounts"]
+    tops = {name for line in (ROOT / ".gitignore").read_text().splitlines()
+            if (name := line.strip().strip("/")) and "*" not in name}
+    assert {".venv", "runs", "demo_out"} <= tops
+    for remote, local in mounts.items():
+        rel = Path(local).relative_to(".")
+        assert rel.parts and rel.parts[0] not in tops | {".git"}, local
+        assert (ROOT / rel).exists(), local
+        assert remote == f"~/pfsr/{rel.as_posix()}", (remote, local)
+    mounted = {Path(local).relative_to(".").as_posix() for local in mounts.values()}
+    # What `pip install -e .` in ~/pfsr (cluster/install.sh cds there) reads: the project file, its readme, the
+    # package folder, the constraints the script names, and the script itself.
+    project = _pyproject()
+    needed = {"pyproject.toml", project["project"]["readme"], *project["tool"]["setuptools"]["packages"]["find"]["where"],
+              "cluster"}
+    needed |= {Path(c).parts[0] for c in re.findall(r"-c (\S+)", (CLUSTER / "install.sh").read_text())}
+    # The job entry points and configs of the README, for jobs started on the head (`ray exec`, `ray submit`).
+    needed |= {"jobs", "data_prep", "configs"}
+    assert needed <= mounted, needed - mounted
 
 
 # --------------------------------------------------------------------------------------- cluster/runtime_env.yaml
@@ -254,6 +320,91 @@ def test_kuberay_clusters_read_by_rays_kuberay_autoscaler(manifest):
         assert types[g["groupName"]]["max_workers"] == g["maxReplicas"]
 
 
+# The Services KubeRay 1.4 creates for a manifest, named as its controllers name them. A name is a tuple of
+# characters in which RAND stands for one character of a random suffix (matched to any character: a collision
+# found is possible, one not found impossible).
+RAND = None
+# k8s.io/apimachinery/pkg/util/rand String(5) (alphabet "bcdfghjklmnpqrstvwxz2456789"), called by
+# ray-operator/controllers/ray/utils/util.go GenerateRayClusterName: "<RayService or RayJob name>-<5 random>".
+CLUSTER_SUFFIX = ("-", *[RAND] * 5)
+
+
+def _cluster_services(cluster_name: tuple, spec: dict, annotations: dict) -> set[tuple]:
+    """A RayCluster's Services (ray-operator/controllers/ray/raycluster_controller.go):
+    - head: utils/util.go GenerateHeadServiceName(RayClusterCRD, ...): spec.headGroupSpec.headService's name if set,
+      else "<cluster>-head-svc";
+    - serve, only with the annotation ray.io/enable-serve-service=true (reconcileServeService): common/service.go
+      BuildServeService -> utils/util.go GenerateServeServiceName: "<cluster>-serve-svc";
+    - headless, only for a worker group with numOfHosts > 1: common/service.go BuildHeadlessServiceForRayCluster:
+      "<cluster>-headless"."""
+    custom = (spec["headGroupSpec"].get("headService") or {}).get("metadata", {}).get("name")
+    names = {tuple(custom) if custom else cluster_name + tuple("-head-svc")}
+    if annotations.get("ray.io/enable-serve-service") == "true":
+        names.add(cluster_name + tuple("-serve-svc"))
+    if any(g.get("numOfHosts", 1) > 1 for g in spec.get("workerGroupSpecs", [])):
+        names.add(cluster_name + tuple("-headless"))
+    return names
+
+
+def _kuberay_services(manifest: dict) -> set[tuple]:
+    name = tuple(manifest["metadata"]["name"])
+    annotations = manifest["metadata"].get("annotations", {})
+    spec = manifest["spec"]
+    if manifest["kind"] == "RayCluster":
+        return _cluster_services(name, spec, annotations)
+    if manifest["kind"] == "RayService":
+        # rayservice_controller.go reconcileServices: the RayService's own head and serve Services (common/service.go
+        # BuildHeadServiceForRayService -> GenerateHeadServiceName(RayServiceCRD, ...) = "<name>-head-svc", which
+        # ignores headService; BuildServeService: spec.serveService's name if set, else GenerateServeServiceName),
+        # plus those of its cluster "<name>-<5 random>" (GenerateRayClusterName).
+        serve = (spec.get("serveService") or {}).get("metadata", {}).get("name")
+        own = {name + tuple("-head-svc"), tuple(serve) if serve else name + tuple("-serve-svc")}
+        return own | _cluster_services(name + CLUSTER_SUFFIX, spec["rayClusterConfig"], {})
+    assert manifest["kind"] == "RayJob"
+    # rayjob_controller.go initRayJobStatusIfNeed: a RayJob with a clusterSelector uses an existing cluster,
+    # otherwise it creates "<name>-<5 random>" (GenerateRayClusterName).
+    if spec.get("clusterSelector"):
+        return set()
+    return _cluster_services(name + CLUSTER_SUFFIX, spec["rayClusterSpec"], {})
+
+
+def _may_equal(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is RAND or y is RAND or x == y for x, y in zip(a, b))
+
+
+def test_kuberay_manifests_never_share_a_service():
+    """Applied together (as the README does), no two Services the operator creates may get one name: the
+    port-forward and the jobs would reach the wrong cluster."""
+    services = {name: _kuberay_services(_load(KUBERAY / name)) for name in sorted(MANIFESTS)}
+    assert {"".join(s) for s in services["raycluster.yaml"]} == {"pfsr-cluster-head-svc"}
+    assert {"".join(s) for s in services["rayservice.yaml"] if RAND not in s} == {"pfsr-head-svc", "pfsr-serve-svc"}
+    # The model itself: a RayCluster named pfsr collides with the RayService pfsr's head Service, one named like the
+    # RayService's cluster collides with that cluster's.
+    service = _kuberay_services(_load(KUBERAY / "rayservice.yaml"))
+    assert _kuberay_services({"kind": "RayCluster", "metadata": {"name": "pfsr"}, "spec": {"headGroupSpec": {}}}) & service
+    twin = {"kind": "RayCluster", "metadata": {"name": "pfsr-b2z4k"}, "spec": {"headGroupSpec": {}}}
+    assert any(_may_equal(a, b) for a in _kuberay_services(twin) for b in service)
+
+    everything = [(file, s) for file, names in services.items() for s in names]
+    for i, (file_a, a) in enumerate(everything):
+        for file_b, b in everything[i + 1:]:
+            assert not _may_equal(a, b), f"{file_a} and {file_b} can both create Service {''.join(x or '?' for x in a)}"
+    for file, names in services.items():
+        for s in names:
+            assert len(s) <= 63, (file, "".join(x or "?" for x in s))  # a Service name is a DNS-1035 label
+
+
+def test_readme_port_forwards_reach_the_right_services():
+    commands = [argv for argv in _readme_commands() if argv[:2] == ["kubectl", "port-forward"]]
+    targets = {argv[2].removeprefix("svc/"): argv[3] for argv in commands}
+    head = {"".join(s) for s in _kuberay_services(_load(KUBERAY / "raycluster.yaml"))}
+    serve = {"".join(s) for s in _kuberay_services(_load(KUBERAY / "rayservice.yaml")) if RAND not in s}
+    dashboard = [svc for svc, ports in targets.items() if ports == "8265:8265"]
+    assert dashboard and set(dashboard) <= head, targets
+    endpoint = [svc for svc, ports in targets.items() if ports == "8000:8000"]
+    assert endpoint == ["pfsr-serve-svc"] and set(endpoint) <= serve, targets
+
+
 def _parse_cli(command: str, script: str, subcommand: str):
     """`python SCRIPT ARGS...` -> the argparse namespace of `pfsr SUBCOMMAND ARGS...` (the binding interface)."""
     from pfsr.cli import build_parser
@@ -317,6 +468,112 @@ def test_dockerfile_builds_from_rays_image_of_this_version():
             assert (ROOT / path).exists(), path
 
 
+# ------------------------------------------------------------------------- Serve: the application's code, the proxy
+
+PROXY_CALLBACK_VAR = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # ray/serve/_private/constants.py
+PROXY_CALLBACK = "pfsr.pipeline.proxy.proxy_middlewares"
+
+
+def _env_of_ray_start(command: str) -> dict[str, str]:
+    """The VAR=value assignments in front of `ray start` in one start command of cluster/aws.yaml."""
+    (part,) = [p for p in command.split(";") if "ray start" in p]
+    argv = shlex.split(part)
+    env = {}
+    while "=" in argv[0]:
+        key, value = argv.pop(0).split("=", 1)
+        env[key] = value
+    assert argv[:2] == ["ray", "start"], command
+    return env
+
+
+def test_every_node_that_can_run_a_serve_proxy_loads_pfsrs_middleware(aws):
+    """Serve starts an HTTP proxy on every node (proxy_location EveryNode); each reads the hook variable of its
+    own environment, which Ray's workers inherit from `ray start` or the container."""
+    from ray.autoscaler._private.util import prepare_config
+
+    assert yaml.safe_load((CLUSTER / "serve.yaml").read_text())["proxy_location"] == "EveryNode"
+    cfg = prepare_config(aws)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts, key
+        for command in starts:
+            assert _env_of_ray_start(command).get(PROXY_CALLBACK_VAR) == PROXY_CALLBACK, command
+    # Every container of a cluster that can serve; the RayJob only trains (no serve port, no Serve).
+    for name in MANIFESTS:
+        spec = _cluster_spec(_load(KUBERAY / name))
+        templates = [("head", spec["headGroupSpec"]["template"])]
+        templates += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+        ports = {p["name"] for p in templates[0][1]["spec"]["containers"][0].get("ports", [])}
+        if "serve" not in ports:
+            assert name == "rayjob-train.yaml", name
+            continue
+        for group, template in templates:
+            for container in template["spec"]["containers"]:
+                values = [e.get("value") for e in container.get("env", []) if e["name"] == PROXY_CALLBACK_VAR]
+                assert values == [PROXY_CALLBACK], (name, group, container["name"], values)
+    # The image, for any pod built from it, with the package installed from its code (not only a runtime_env).
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    assert re.findall(rf"^ENV {PROXY_CALLBACK_VAR}=(\S+)$", dockerfile, flags=re.M) == [PROXY_CALLBACK]
+    lines = dockerfile.splitlines()
+    copy_code = lines.index("COPY --chown=ray:users platform/ platform/")
+    assert any(re.match(r"RUN pip install .*-e \.$", line) for line in lines[copy_code:])
+    # Nowhere another value (a docker --env, a second assignment).
+    for path in [CLUSTER / "aws.yaml", *sorted(KUBERAY.iterdir())]:
+        text = path.read_text()
+        values = re.findall(rf"{PROXY_CALLBACK_VAR}\W+(?:value: )?([\w.:]+)", text)
+        assert set(values) <= {PROXY_CALLBACK}, (path.name, values)
+
+
+def test_proxy_callback_names_a_function_of_the_package():
+    """The hook imports the callback in the proxy's process: it must be a function of the installed package."""
+    from ray.serve._private.utils import import_attr
+
+    assert callable(import_attr(PROXY_CALLBACK))
+
+
+def test_serve_application_ships_the_checkout(tmp_path):
+    """serve.yaml's runtime_env names the archives cluster/package_code.py writes; unpacked as a node unpacks a
+    remote package, they give the application this checkout's pfsr and the checkout as working directory."""
+    import importlib.machinery
+    import importlib.util
+
+    from ray._private.runtime_env.packaging import unzip_package
+
+    spec = importlib.util.spec_from_file_location("package_code", CLUSTER / "package_code.py")
+    package_code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package_code)
+
+    (app,) = yaml.safe_load((CLUSTER / "serve.yaml").read_text())["applications"]
+    prefix = "s3://PFSR_BUCKET/code/PFSR_CODE"
+    assert app["runtime_env"] == {"working_dir": f"{prefix}/{package_code.WORKING_DIR_ZIP}",
+                                  "py_modules": [f"{prefix}/{package_code.PY_MODULES_ZIP}"]}
+    code = package_code.package(tmp_path / "out")
+    assert re.fullmatch(r"[0-9a-f]{16,}", code), code
+    archives = tmp_path / "out" / code
+    assert sorted(p.name for p in archives.iterdir()) == sorted([package_code.WORKING_DIR_ZIP, package_code.PY_MODULES_ZIP])
+
+    # ray/_private/runtime_env/packaging.py download_and_unpack_package, remote protocols (s3): unzip with
+    # remove_top_level_directory=True; py_modules then puts each unpacked folder on PYTHONPATH.
+    unpacked = {}
+    for name in (package_code.WORKING_DIR_ZIP, package_code.PY_MODULES_ZIP):
+        names = zipfile.ZipFile(archives / name).namelist()
+        assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or ".venv/" in n], name
+        unpacked[name] = tmp_path / name.removesuffix(".zip")
+        unzip_package(str(archives / name), str(unpacked[name]), remove_top_level_directory=True, unlink_zip=False)
+    module_dir = unpacked[package_code.PY_MODULES_ZIP]
+    found = importlib.machinery.PathFinder.find_spec("pfsr", [str(module_dir)])
+    assert found is not None and Path(found.origin) == module_dir / "pfsr" / "__init__.py"
+    module, attr = app["import_path"].split(":")
+    assert (module_dir / Path(*module.split("."))).with_suffix(".py").is_file(), app["import_path"]
+    shipped = sorted(p.relative_to(module_dir).as_posix() for p in module_dir.rglob("*.py"))
+    local = sorted(p.relative_to(ROOT / "platform").as_posix() for p in (ROOT / "platform").rglob("*.py"))
+    assert shipped == local
+    working_dir = unpacked[package_code.WORKING_DIR_ZIP]
+    for needed in ("configs/tiny.yaml", "jobs/train.py", "platform/pfsr/cli.py", "pyproject.toml"):
+        assert (working_dir / needed).is_file(), needed
+    assert not (working_dir / ".venv").exists()
+
+
 # ---------------------------------------------------------------------------------------- README: Run on a cluster
 
 SCRIPTS = {"data_prep/shard.py": "prep", "jobs/train.py": "train", "jobs/evaluate.py": "evaluate"}
@@ -359,10 +616,18 @@ def test_readme_stages_use_the_cli_flags():
 
 def test_readme_fills_the_placeholders_the_manifests_use():
     commands = [" ".join(argv) for argv in _readme_commands()]
-    assert any("s|PFSR_BUCKET|$BUCKET|g" in c and "cluster/serve.yaml" in c for c in commands)
+    serve_sed = [c for c in commands if c.startswith("sed") and "cluster/serve.yaml" in c]
+    assert serve_sed and all("s|PFSR_BUCKET|$BUCKET|g" in c and "s|PFSR_CODE|$CODE|g" in c for c in serve_sed)
     for name in MANIFESTS:
         (apply,) = [c for c in commands if f"cluster/kuberay/{name}" in c]
         assert "s|PFSR_BUCKET|$BUCKET|g" in apply and "s|image: pfsr:|image: $REGISTRY/pfsr:|" in apply, name
+        assert ("s|PFSR_CODE|$CODE|g" in apply) == ("PFSR_CODE" in (KUBERAY / name).read_text()), name
         assert apply.endswith("kubectl apply -f -"), name
+    # Whatever fills in PFSR_CODE first packs and uploads the code under that hash, where serve.yaml looks for it.
+    for i, c in enumerate(commands):
+        if "s|PFSR_CODE|$CODE|g" in c:
+            pack = [p for p in commands[:i] if "cluster/package_code.py" in p][-1]
+            out = re.search(r"package_code\.py (\S+)\)", pack).group(1)
+            assert f"aws s3 sync {out}/ s3://$BUCKET/code/" in pack, pack
     for path in ("infra/cloudformation.yaml", "cluster/aws.yaml", "cluster/kuberay/Dockerfile", "infra/local-s3/run.py"):
         assert any(path in c for c in commands), path

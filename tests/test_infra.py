@@ -99,6 +99,54 @@ def test_head_may_pass_only_the_worker_role_and_end_only_its_cluster(template):
             assert s["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"] == {"Ref": "ClusterName"}
 
 
+def _head_statements(template) -> list[dict]:
+    head = template["Resources"]["RayHeadRole"]["Properties"]
+    return [s for p in head["Policies"] for s in _statements(p["PolicyDocument"])]
+
+
+def _resource_kinds(statement) -> set[str]:
+    """instance, image, subnet ... : the EC2 resource types an ARN pattern of the statement covers."""
+    kinds = set()
+    for resource in _as_list(statement["Resource"]):
+        arn = resource["Fn::Sub"] if isinstance(resource, dict) else resource
+        kinds.add(arn.rsplit(":", 1)[1].split("/", 1)[0])
+    return kinds
+
+
+def test_head_launches_only_the_instance_types_of_aws_yaml_from_amazons_images(template):
+    """RunInstances authorizes each resource of the launch separately: the instance must match a statement that
+    limits its type to cluster/aws.yaml's, the AMI one that limits its owner to Amazon."""
+    cluster = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    types = sorted({t["node_config"]["InstanceType"] for t in cluster["available_node_types"].values()})
+    run = [s for s in _head_statements(template) if "ec2:RunInstances" in _as_list(s["Action"])]
+    assert all(s["Effect"] == "Allow" for s in run)
+    for kind, key in (("instance", "ec2:InstanceType"), ("image", "ec2:Owner")):
+        covering = [s for s in run if kind in _resource_kinds(s)]
+        assert covering, kind
+        for s in covering:
+            assert _resource_kinds(s) == {kind}, f"{s['Sid']}: {kind} ARNs alone, so that its condition applies"
+            assert key in s.get("Condition", {}).get("StringEquals", {}), s["Sid"]
+    (instance,) = [s for s in run if "instance" in _resource_kinds(s)]
+    assert sorted(_as_list(instance["Condition"]["StringEquals"]["ec2:InstanceType"])) == types
+    (image,) = [s for s in run if "image" in _resource_kinds(s)]
+    assert "amazon" in _as_list(image["Condition"]["StringEquals"]["ec2:Owner"])
+    # The AMI of every node type is Amazon's own Deep Learning AMI (an SSM public parameter of AWS).
+    for name, t in cluster["available_node_types"].items():
+        assert t["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/"), name
+
+
+def test_head_may_not_stop_or_start_instances(template):
+    """Ray's AWS node provider stops and restarts nodes only with cache_stopped_nodes (default True;
+    ray/autoscaler/_private/aws/node_provider.py create_node and terminate_nodes): cluster/aws.yaml turns it off."""
+    from ray.autoscaler._private.util import prepare_config
+
+    cluster = prepare_config(yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text()))
+    assert cluster["provider"]["cache_stopped_nodes"] is False
+    actions = {a for s in _head_statements(template) for a in _as_list(s["Action"])}
+    assert "ec2:TerminateInstances" in actions
+    assert not actions & {"ec2:StopInstances", "ec2:StartInstances"}, actions
+
+
 def test_cluster_yaml_uses_these_profiles_and_cluster_name(template):
     cluster = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
     cluster_name = template["Parameters"]["ClusterName"]["Default"]
