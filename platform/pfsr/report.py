@@ -350,7 +350,8 @@ def fine_tuning_html(check: Optional[dict[str, Any]]) -> str:
     if not check:
         return ""
     verdict = (f"<span class='{'ok' if check['ok'] else 'bad'}'>{'kept' if check['ok'] else 'lost'}</span>")
-    return (f"<p>Fine-tuning, {html.escape(check['setting'])} on {check['n_images']} validation crops: PSNR-Y "
+    n = check["n_images"]
+    return (f"<p>Fine-tuning, {html.escape(check['setting'])} on {n} validation crop{'' if n == 1 else 's'}: PSNR-Y "
             f"{check['before_psnr_y']:.2f} dB before (the shipped model), {check['after_psnr_y']:.2f} dB after "
             f"({check['delta_db']:+.2f} dB): quality {verdict} (the demo fails when fine-tuning loses more than "
             f"{check['tolerance_db']:g} dB).</p>")
