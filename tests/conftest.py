@@ -56,8 +56,15 @@ def ray_cluster(s3_endpoint):
     """One local Ray cluster for the whole session (started after the S3 endpoint, so workers see AWS_*)."""
     import ray
 
+    # Serve's proxies load PF-SR's proxy layer from their node's environment, as under `pfsr serve`
+    saved = os.environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "pfsr.pipeline.proxy.proxy_middlewares"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "platform")}})
+    if saved is None:
+        os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")
+    else:
+        os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = saved
     yield ray
     ray.shutdown()
 

@@ -44,7 +44,7 @@ def raw(tmp_path_factory, photos) -> Path:
         folder.mkdir(exist_ok=True)
         _small(img).save(folder / (f"{name}.png" if i % 3 else f"{name}.jpg"), quality=95)
     write_zoo(root / "zoo", photos["astronaut"])
-    (root / "README.txt").write_text("not an image, and not named like one: ignored\n")
+    (root / "README.txt").write_text("not an image, and not named like one: rejected by its name\n")
     return root
 
 
@@ -87,7 +87,8 @@ def test_shards_manifest_and_rejections(clean, raw):
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
 
     rejected = {r["source"]: r["reason"] for r in pq.read_table(clean / "rejected.parquet").to_pylist()}
-    assert set(rejected) == {f"zoo/{n}" for n in REJECTED}
+    assert set(rejected) == {f"zoo/{n}" for n in REJECTED} | {"README.txt"}
+    assert rejected["README.txt"] == "not an image extension"
     for name, phrase in REJECTED.items():
         assert phrase in rejected[f"zoo/{name}"] and "\n" not in rejected[f"zoo/{name}"]
     notes = {r["source"]: r["notes"] for r in manifest}
@@ -95,7 +96,7 @@ def test_shards_manifest_and_rejections(clean, raw):
         assert phrase in notes[f"zoo/{name}"], (name, notes.get(f"zoo/{name}"))
 
     info = json.loads((clean / "dataset.json").read_text())["splits"]["train"]
-    assert info["samples"] == len(manifest) and info["rejected"] == len(REJECTED)
+    assert info["samples"] == len(manifest) and info["rejected"] == len(REJECTED) + 1
     assert info["images"] == 8 + len(CONVERTED) and info["options"]["patch"] == 128
     assert sum(s["bytes"] for s in info["shards"]) == sum(len(files[n]) for n in shards)
 

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import io
+import os
+import select
+import signal
 import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,9 +18,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from pfsr.cli import main
 from pfsr.config import ConfigError, ServeConfig
 from pfsr.pipeline.serve import DEPLOYMENT_NAME, Engine, Job, RequestError, app_builder, build_app, serve_config
 from pfsr.pipeline.batching import SolverSettings, WorkItem
+from pfsr.pipeline.proxy import max_body_bytes
 from tests.zoo import bomb_png, linear_rgb_icc
 
 pytestmark = pytest.mark.ray
@@ -154,14 +162,98 @@ def test_a_result_does_not_depend_on_its_batch_mates(endpoint, crops):
     assert np.abs(a - other_seed).mean() > 1
 
 
+def _check_503(r: httpx.Response) -> None:
+    """Every 503, the replica's or the proxy's: Retry-After and the JSON error body."""
+    assert r.headers.get("Retry-After", "").isdigit() and r.headers["content-type"] == "application/json", r.headers
+    assert r.json()["error"], r.text
+
+
 def test_overload_gives_503_not_500_nor_a_hang(endpoint, crops):
     """40 concurrent requests at one replica that takes one request at a time and queues one more."""
     body = _png(crops["astronaut"])
     with ThreadPoolExecutor(40) as pool:
-        codes = list(pool.map(lambda _: _post(f"{endpoint}/overload/upscale", body).status_code, range(40)))
+        replies = list(pool.map(lambda _: _post(f"{endpoint}/overload/upscale", body), range(40)))
+    codes = [r.status_code for r in replies]
     counts = {c: codes.count(c) for c in set(codes)}
     assert set(counts) <= {200, 503}, counts
     assert counts.get(503, 0) > 0 and counts.get(200, 0) > 0, counts
+    for r in replies:
+        if r.status_code == 503:  # Serve's backpressure answer, made JSON by the proxy layer
+            _check_503(r)
+
+
+def _chunked_upload(base: str, path: str, limit: int, headers: dict) -> tuple[int, int, bytes]:
+    """POST a chunked body of up to `limit` zero bytes, stopping when an answer comes -> (bytes sent, status,
+    answer body)."""
+    from http.client import HTTPResponse
+
+    host, port = base[len("http://"):].split(":")
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    chunk, sent = b"\0" * 65536, 0
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n{lines}\r\n".encode())
+        while sent < limit and not select.select([s], [], [], 0.002)[0]:
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+        answer = HTTPResponse(s)
+        answer.begin()
+        return sent, answer.status, answer.read()
+
+
+def test_a_chunked_upload_past_the_cap_gets_413_at_once(endpoint):
+    """No Content-Length: the proxy layer counts the streamed bytes and answers 413 as they pass its cap (the
+    default, from serve.max_pixels), long before the 64 MiB that a client may send."""
+    cap = max_body_bytes(ServeConfig().max_pixels)
+    sent, status, body = _chunked_upload(endpoint, "/pfsr/upscale", 64 << 20, {**AUTH, "Content-Type": "image/png"})
+    assert status == 413, (status, body[:300])
+    assert f"larger than {cap} bytes" in httpx.Response(413, content=body).json()["error"]
+    assert cap < sent < cap + (8 << 20), (sent, cap)  # what was in flight when the answer came, not 64 MiB
+
+
+def test_docs_need_the_token(endpoint):
+    for path in ("/pfsr/docs", "/pfsr/redoc", "/pfsr/openapi.json"):
+        r = httpx.get(f"{endpoint}{path}", timeout=30)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"], (path, r.status_code)
+        assert httpx.get(f"{endpoint}{path}", headers=AUTH, timeout=30).status_code == 200, path
+    spec = httpx.get(f"{endpoint}/pfsr/openapi.json", headers=AUTH, timeout=30).json()
+    assert "/upscale" in spec["paths"] and "/docs" not in spec["paths"]
+    assert httpx.get(f"{endpoint}/overload/docs", timeout=30).status_code == 200  # no token set: open
+
+
+def test_a_lost_replica_never_surfaces_as_500(endpoint, tiny_checkpoint, crops):
+    """SIGKILL one of 2 replicas with requests in flight: its requests are replayed on the other replica (the
+    same seeded result) or answered 503 with Retry-After, never 500."""
+    import ray
+    from ray import serve
+
+    two = ServeConfig(**{**SERVE, "max_batch_size": 1, "min_replicas": 2, "max_replicas": 2,
+                         "token_env": "PFSR_UNSET_TOKEN"})
+    serve.run(build_app(str(tiny_checkpoint), two, ray_actor_options={"num_cpus": 0.5}), name="pfsr-kill",
+              route_prefix="/kill")
+    url, body, params = f"{endpoint}/kill/upscale", _png(crops["coffee"]), {"sampler": "dpmpp_2m", "steps": "10"}
+    alone = _post(url, body, params)
+    assert alone.status_code == 200, alone.text
+    pids = [a["Pid"] for a in ray._private.state.actors().values()
+            if a["ActorClassName"].startswith("ServeReplica:pfsr-kill") and a["State"] == "ALIVE"]
+    assert len(pids) == 2, pids
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(_post, url, body, params) for _ in range(6)]
+            time.sleep(1.0)
+            os.kill(pids[0], signal.SIGKILL)
+            replies = [f.result() for f in futures]
+    finally:
+        serve.delete("pfsr-kill")
+    codes = [r.status_code for r in replies]
+    replayed = sum(r.headers.get("X-PFSR-Replayed") == "1" for r in replies)
+    assert set(codes) <= {200, 503}, [(r.status_code, r.headers, r.text[:200]) for r in replies if r.status_code != 200]
+    print(f"replica killed: {codes.count(200)} x 200 ({replayed} replayed), {codes.count(503)} x 503")
+    assert replayed + codes.count(503) > 0, ("the kill hit no request in flight", codes)
+    for r in replies:
+        if r.status_code == 503:
+            _check_503(r)
+        else:  # one request at a time per replica: the same bytes as the request alone
+            assert r.content == alone.content
 
 
 def test_caps_on_nfe_and_time_inside_a_replica(tiny_checkpoint, crops):
@@ -204,3 +296,37 @@ def test_app_builder_checks_its_args():
         app_builder({})
     app = app_builder({"checkpoint": "model.pt", "max_batch_size": "8", "max_ongoing_requests": "16"})
     assert app._bound_deployment._deployment_config.max_ongoing_requests == 16
+
+
+def test_pfsr_serve_loads_the_proxy_layer_into_the_ray_it_starts(tiny_checkpoint, tmp_path):
+    """`pfsr serve` on a Ray of its own (a subprocess) sets the proxies' environment: the token guards the proxy's
+    /-/routes and the docs, /healthz stays public, and a chunked upload past the cap (serve.max_pixels of the
+    config) gets 413."""
+    port = _free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"serve": {"max_pixels": 64 * 64, "min_replicas": 1, "max_replicas": 1}}))
+    env = {**os.environ, "PFSR_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pfsr", "serve", "--checkpoint", str(tiny_checkpoint),
+                                 "--config", str(config), "--port", str(port), "--ray-address", "local"], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        while "PF-SR serving" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        base = f"http://127.0.0.1:{port}"
+        for path in ("/-/routes", "/docs", "/openapi.json"):
+            r = httpx.get(base + path, timeout=30)
+            assert r.status_code == 401 and "bearer token" in r.json()["error"], (path, r.status_code, r.text)
+            assert httpx.get(base + path, headers=AUTH, timeout=30).status_code == 200, path
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+        cap = max_body_bytes(64 * 64)
+        sent, status, body = _chunked_upload(base, "/upscale", 64 << 20, {**AUTH, "Content-Type": "image/png"})
+        assert status == 413 and f"larger than {cap} bytes" in body.decode(), (status, body[:200])
+    finally:
+        proc.send_signal(signal.SIGTERM)  # pfsr serve shuts Serve and its own Ray down
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 # with its step and metrics, so that best/latest are found without downloading every checkpoint.
 CHECKPOINT_FILE = "checkpoint.pt"
 SIDECAR_FILE = "metrics.json"
+REQUIRED_KEYS = {"serving": ("config", "model"),
+                 "training": ("config", "model", "ema", "optimizer", "scheduler", "step")}
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
 BEST_METRIC = "val/psnr_y"
 
@@ -71,21 +73,34 @@ def load(src: str | Path | bytes | BinaryIO, kind: Optional[str] = None, name: O
     if kind is not None and obj.get("kind") != kind:
         raise InputError(f"{name} is a {obj.get('kind')} checkpoint, expected a {kind} checkpoint"
                          + (" (make one with `pfsr export`)" if kind == "serving" else ""))
+    if obj.get("kind") not in REQUIRED_KEYS:
+        raise InputError(f"{name}: 'kind' is {obj.get('kind')!r}, expected 'serving' or 'training'")
+    missing = [k for k in REQUIRED_KEYS[obj["kind"]] if k not in obj]
+    if missing:
+        raise InputError(f"{name}: this {obj['kind']} checkpoint has no {', '.join(repr(k) for k in missing)} "
+                         "entry (damaged or hand-made?)")
     return obj
 
 
-def model_from_checkpoint(ckpt: dict, *, use_ema: bool = True) -> PFSRModel:
-    """Model with the checkpoint's weights (EMA for training checkpoints unless use_ema=False), in eval mode."""
+def model_from_checkpoint(ckpt: dict, *, use_ema: bool = True, name: str = "checkpoint") -> PFSRModel:
+    """Model with the checkpoint's weights (EMA for training checkpoints unless use_ema=False), in eval mode;
+    InputError naming `name` when the weights do not fit the checkpoint's config."""
     config = config_from_dict(ckpt["config"])
     model = build_model(config)
-    weights = ckpt["model"] if ckpt["kind"] == "serving" or not use_ema else ckpt["ema"]
-    model.load_state_dict(weights)
+    entry = "model" if ckpt["kind"] == "serving" or not use_ema else "ema"
+    try:
+        model.load_state_dict(ckpt[entry])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise InputError(f"{name}: its {entry!r} weights do not fit its config: {' '.join(str(e).split())[:400]}") \
+            from None
     return model.eval()
 
 
-def load_model(path: str | Path | bytes, device: str | torch.device = "cpu") -> PFSRModel:
-    """A serving (or training: EMA weights) checkpoint -> model on `device`, eval mode."""
-    return model_from_checkpoint(load(path)).to(device)
+def load_model(path: str | Path | bytes, device: str | torch.device = "cpu", name: Optional[str] = None) -> PFSRModel:
+    """A serving (or training: EMA weights) checkpoint -> model on `device`, eval mode; `name` names bytes in
+    messages."""
+    name = name or (str(path) if isinstance(path, (str, Path)) else None)
+    return model_from_checkpoint(load(path, name=name), name=name or "checkpoint").to(device)
 
 
 def restore_state(ckpt: dict, config: Optional[Config] = None) -> tuple[TrainState, Config]:
@@ -153,7 +168,15 @@ def find_checkpoint(uri: str, which: str = "best") -> str:
         folder, _, leaf = entry.path.rpartition("/")
         match = CHECKPOINT_DIR.match(folder)
         if match and leaf == SIDECAR_FILE:
-            found[folder] = json.loads(storage.read_bytes(storage.join(uri, entry.path)))
+            sidecar = storage.join(uri, entry.path)
+            try:
+                found[folder] = json.loads(storage.read_bytes(sidecar))
+            except ValueError as e:
+                raise InputError(f"{sidecar} is not JSON ({e}); a checkpoint sidecar holds its 'step' and "
+                                 "'metrics'") from None
+            if not (isinstance(found[folder], dict) and isinstance(found[folder].get("step"), int)
+                    and isinstance(found[folder].get("metrics"), dict)):
+                raise InputError(f"{sidecar} lacks an integer 'step' or a 'metrics' object")
     folders = [f for f in found if storage.is_file(storage.join(uri, f, CHECKPOINT_FILE))]
     if not folders:
         what = "does not exist" if not storage.exists(uri) else \
@@ -178,6 +201,9 @@ def run_export_cli(args) -> int:
     """`pfsr export --run URI --out FILE [--which best|latest]`: the serving checkpoint (EMA weights, config)."""
     from . import storage
 
+    if storage.exists(args.out) and not storage.is_file(args.out):
+        raise InputError(f"--out {args.out} is a directory; give the checkpoint file to write, e.g. "
+                         f"{storage.join(args.out, 'model.pt')}")
     src = find_checkpoint(args.run, args.which)
     ckpt = read_checkpoint(src)
     serving = serving_checkpoint(ckpt) if ckpt["kind"] == "training" else ckpt

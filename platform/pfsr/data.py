@@ -62,9 +62,22 @@ def _open_shards(urls: list[str]) -> Iterator[dict]:
 
 
 def iter_shard_samples(urls: list[str]) -> Iterator[dict]:
-    """Raw webdataset samples ({'__key__', 'png' or 'webp', 'json', ...} of bytes) of the shards, in order."""
-    files = wds.tariterators.tar_file_expander(_open_shards(urls), rename_files=check_member_name)
-    return wds.tariterators.group_by_keys(files)
+    """Raw webdataset samples ({'__key__', 'png' or 'webp', 'json', ...} of bytes) of the shards, in order; an
+    unsafe member is an InputError that names its shard."""
+    for url in urls:
+        files = wds.tariterators.tar_file_expander(_open_shards([url]))
+        yield from wds.tariterators.group_by_keys(_safe_members(files, url))
+
+
+def _safe_members(files: Iterator[dict], url: str) -> Iterator[dict]:
+    # checked here rather than in webdataset's rename_files, whose handler buries the message under the stream
+    for f in files:
+        if "fname" in f:  # not the end-of-shard marker
+            try:
+                check_member_name(f["fname"])
+            except InputError as e:
+                raise InputError(f"shard {url}: {e}") from None
+        yield f
 
 
 def sample_image(sample: dict) -> np.ndarray:

@@ -207,7 +207,11 @@ def run_cli(args) -> int:
             raise InputError(f"input folder {src} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         outputs = [dst / p.relative_to(src).with_suffix(".png") for p in inputs]
     else:
-        inputs, outputs = [src], [dst if dst.suffix else dst / (src.stem + ".png")]
+        # an existing folder is written into, whatever its name (x.png/)
+        inputs, outputs = [src], [dst if dst.suffix and not dst.is_dir() else dst / (src.stem + ".png")]
+    taken = [q for q in outputs if q.is_dir()]
+    if taken:
+        raise InputError(f"output {taken[0]} is an existing folder; choose another OUT")
     device = resolve_device(args.device)
     model = load_model(resolve_checkpoint(args.checkpoint), device)
     method = args.sampler or model.config.sampler.method
@@ -218,8 +222,11 @@ def run_cli(args) -> int:
                         tile=args.tile, device=str(device), model=model)
         q.parent.mkdir(parents=True, exist_ok=True)
         tmp = q.with_name(q.name + ".tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(q)
+        try:
+            image.save(tmp, format="PNG")
+            tmp.replace(q)
+        finally:
+            tmp.unlink(missing_ok=True)  # nothing half-written is left on failure
         print(f"[{i}/{len(inputs)}] {p} -> {q} ({image.width}x{image.height}, {method}, "
               f"{time.perf_counter() - t0:.1f} s)", flush=True)
     return 0

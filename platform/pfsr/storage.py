@@ -83,22 +83,34 @@ def join(uri: str | Path, *parts: str) -> str:
     return out
 
 
+def _file_info(uri: str | Path, fs: pafs.FileSystem, what):
+    """fs.get_file_info, with an S3 failure (endpoint down, wrong credentials) as an InputError that says where."""
+    try:
+        return fs.get_file_info(what)
+    except OSError as e:
+        if not is_s3(uri):
+            raise
+        raise InputError(f"{uri}: the S3 request failed at endpoint {_endpoint() or 'the AWS default'} "
+                         f"({' '.join(str(e).split())}); check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), that the "
+                         "endpoint is up and reachable from here, and the AWS credentials") from None
+
+
 def exists(uri: str | Path) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _file_info(uri, fs, path).type != pafs.FileType.NotFound
 
 
 def is_file(uri: str | Path) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return _file_info(uri, fs, path).type == pafs.FileType.File
 
 
 def list_files(uri: str | Path, *, recursive: bool = True) -> list[FileEntry]:
     """Files below a folder or prefix, sorted by relative path; [] when it does not exist."""
     fs, root = resolve(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    if _file_info(uri, fs, root).type != pafs.FileType.Directory:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+    infos = _file_info(uri, fs, pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
     prefix = root.rstrip("/") + "/"
     entries = [FileEntry(info.path[len(prefix):], info.size) for info in infos
                if info.type == pafs.FileType.File and info.path.startswith(prefix)]

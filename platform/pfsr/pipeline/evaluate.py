@@ -325,7 +325,10 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
         raise InputError(f"--sampler {settings.method!r} is unknown; choose one of {', '.join(sorted(SAMPLERS))}")
     if not storage.is_file(checkpoint):
         raise InputError(f"--checkpoint {checkpoint} does not exist")
-    config = load(storage.read_bytes(checkpoint))["config"]
+    # the whole model once here: a damaged checkpoint fails now with its name, not in every replica
+    ckpt = load(storage.read_bytes(checkpoint), name=checkpoint)
+    model_from_checkpoint(ckpt, name=checkpoint)
+    config = ckpt["config"]
     ckpt_scale = config["model"]["scale"]
     if scale is not None and scale != ckpt_scale:
         raise InputError(f"--scale {scale} does not match the checkpoint's scale x{ckpt_scale}")
@@ -349,7 +352,20 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
                                "lpips_weights": backbone["path"], "use_gpu": gpus_per_replica > 0,
                                "tile": serve_cfg.get("tile", 128), "overlap": serve_cfg.get("tile_overlap", 16)})
     t0 = time.perf_counter()
-    rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    # Ray Data logs a failed task's traceback twice before raising it; the raised error keeps it
+    quiet = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    for logger in quiet:
+        logger.addFilter(_below_error)
+    try:
+        rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    except Exception as e:
+        bad_input = _input_error(e)
+        if bad_input is None:
+            raise
+        raise InputError(str(bad_input).splitlines()[0]) from None  # without what Ray Data appends
+    finally:
+        for logger in quiet:
+            logger.removeFilter(_below_error)
     elapsed = time.perf_counter() - t0
     if not rows:
         raise InputError(f"--data {data}: nothing to evaluate")
@@ -357,6 +373,27 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
     write_reports(out, rows, report)
     log.info("%d images in %.1f s (%.2f images/s)", len(rows), elapsed, len(rows) / elapsed)
     return report
+
+
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def _input_error(e: BaseException) -> Optional[InputError]:
+    """The InputError (a bad shard, a too small image) behind a Ray Data failure, if that is what it is."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, InputError) and not isinstance(e, RayError):  # RayTaskError(InputError) is both
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def format_summary(report: dict[str, Any]) -> str:

@@ -11,6 +11,12 @@ So shard contents are a function of the input and the options alone, never of th
 A killed run started again skips the shards that have a record; the manifest is assembled from the records and
 written last.
 
+Listing: every file under the source is the `source` of manifest rows or of one rejected row with its reason
+(hidden, not an image extension, broken or looping symlink, duplicate of an earlier path, or a reason from its
+header or pixels); only images of another split of the layout are left out (counted in the log). A local symlink
+to a folder or file inside the source is a duplicate of its real path; one that leads outside is followed once
+(by its real path), never in a loop. S3 folder-marker keys (ending in '/') are not files.
+
 Output, beside the shards `{split}-{index:06d}.tar`: manifest.parquet (one row per sample), rejected.parquet
 (source, one-line reason), dataset.json (counts, options, version, leaks). Several splits may share one output
 folder (run them one after another): the tables hold the rows of every split, and an image whose HR bytes occur
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import stat
 import tarfile
 import time
 from collections import Counter, defaultdict
@@ -364,21 +372,98 @@ def _init_ray(address: str | None) -> None:
     ray.init(address=address, runtime_env=None if shipped else {"py_modules": [package]})
 
 
-def _list_source(source: str, layout: str, split: str) -> tuple[str, list[SourceFile]]:
-    """-> (layout, the split's image files); fails at once on a missing or image-less source."""
+def _walk_local(root: str) -> tuple[list[storage.FileEntry], list[dict]]:
+    """Every file below the local folder `root` -> (entries sorted by path, rejections {"source", "reason"}).
+
+    Symlinks: one to a folder or file inside `root` is a duplicate of its real path (or a loop when it leads to a
+    folder above it); one that leads outside is followed once by its real path. Hard links: the first path wins.
+    """
+    real_root = os.path.realpath(root)
+    entries: list[storage.FileEntry] = []
+    rejected: list[dict] = []
+    first_file: dict[tuple[int, int], str] = {}  # (device, inode) -> first path
+    first_dir: dict[str, str] = {}  # real path of a followed outside folder -> its path
+
+    def inside(real: str) -> bool:
+        return real == real_root or real.startswith(real_root + os.sep)
+
+    def walk(folder: str, rel: str, above: frozenset[str]) -> None:
+        try:
+            children = sorted(os.scandir(folder), key=lambda d: d.name)
+        except OSError as e:
+            rejected.append({"source": rel or ".", "reason": f"unreadable folder: {e.strerror}"})
+            return
+        for child in children:
+            path = rel + child.name
+            if child.is_symlink():
+                target = os.readlink(child.path)
+                try:
+                    info = os.stat(child.path)
+                except OSError as e:
+                    kind = "looping symlink" if e.errno == errno.ELOOP else "broken symlink"
+                    rejected.append({"source": path, "reason": f"{kind} (-> {target})"})
+                    continue
+                real = os.path.realpath(child.path)
+                is_dir = stat.S_ISDIR(info.st_mode)
+                if is_dir and real in above:
+                    rejected.append({"source": path, "reason": f"looping symlink (-> {target}, a folder above it)"})
+                    continue
+                if inside(real):
+                    first = os.path.relpath(real, real_root).replace(os.sep, "/") + ("/" if is_dir else "")
+                    rejected.append({"source": path, "reason": f"duplicate of {first}"})
+                    continue
+                if is_dir:
+                    if real in first_dir:
+                        rejected.append({"source": path, "reason": f"duplicate of {first_dir[real]}/"})
+                        continue
+                    first_dir[real] = path
+            else:
+                info = child.stat(follow_symlinks=False)
+                real = child.path
+            if stat.S_ISDIR(info.st_mode):
+                walk(child.path, path + "/", above | {os.path.realpath(real)})
+            elif not stat.S_ISREG(info.st_mode):
+                rejected.append({"source": path, "reason": "not a regular file"})
+            elif (info.st_dev, info.st_ino) in first_file:
+                rejected.append({"source": path, "reason": f"duplicate of {first_file[info.st_dev, info.st_ino]}"})
+            else:
+                first_file[info.st_dev, info.st_ino] = path
+                entries.append(storage.FileEntry(path, info.st_size))
+
+    if os.path.isdir(real_root):
+        walk(real_root, "", frozenset({real_root}))
+    return sorted(entries, key=lambda e: e.path), rejected
+
+
+def _list_source(source: str, layout: str, split: str) -> tuple[str, list[SourceFile], list[dict]]:
+    """-> (layout, the split's image files, rejections of the listing); fails at once on a missing or image-less
+    source. Every file under the source is either one of the files or rejected, or an image of another split."""
     if not storage.exists(source):
         raise InputError(f"source {source} does not exist")
-    entries = [e for e in storage.list_files(source) if not e.path.startswith(".")]
+    if storage.is_s3(source):
+        # folder markers ('photos/') are not files
+        listed, rejected = [e for e in storage.list_files(source) if not e.path.endswith("/")], []
+    else:
+        listed, rejected = _walk_local(storage.resolve(source)[1])
+    entries = []
+    for e in listed:
+        if any(part.startswith(".") for part in e.path.split("/")):
+            rejected.append({"source": e.path, "reason": "hidden"})
+        else:
+            entries.append(e)
+            if not images.is_image_name(e.path):
+                # by name: a PNG named .txt is not read (a data set's .txt files are labels and lists)
+                rejected.append({"source": e.path, "reason": "not an image extension"})
     if not any(images.is_image_name(e.path) for e in entries):
         raise InputError(f"source {source} holds no images (looked for {', '.join(images.IMAGE_EXTENSIONS)})")
     if layout == "auto":
         layout, found = detect_layout(entries)
         log(f"layout auto: {layout} ({found})")
     files = select_files(source, entries, layout, split)
-    ignored = sum(not images.is_image_name(e.path) for e in entries)
-    log(f"{len(files)} image files for split {split!r} in {source}" + (
-        f"; {ignored} other files ignored (not images by name)" if ignored else ""))
-    return layout, files
+    others = sum(images.is_image_name(e.path) for e in entries) - len(files)
+    log(f"{len(files)} image files for split {split!r} in {source}; {len(rejected)} other files rejected "
+        "(rejected.parquet)" + (f"; {others} images of other splits" if others else ""))
+    return layout, files, sorted(rejected, key=lambda r: r["source"])
 
 
 def _scan(files: list[SourceFile], source: str, opts: Options, concurrency: int | None) -> list[dict]:
@@ -473,7 +558,7 @@ def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", p
         raise InputError(f"--patch {patch} --step {step}: need patch >= 0 (0 keeps images whole) and step > 0")
     if min_shards < 1 or shard_size_mb <= 0:
         raise InputError("--min-shards must be >= 1 and --shard-size-mb positive")
-    layout, files = _list_source(source, layout, split)
+    layout, files, listing_rejected = _list_source(source, layout, split)
     opts = Options(layout=layout, split=split, patch=patch, step=step, min_size=min_size, max_pixels=max_pixels,
                    shard_size_mb=float(shard_size_mb), min_shards=min_shards, format=fmt)
     fingerprint = _fingerprint(opts, files)
@@ -514,7 +599,7 @@ def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", p
     pending = [p for p in plans if p["name"] not in done]
     if pending:
         _write_shards(pending, source, out, opts, concurrency)
-    entry = _finish(out, source, opts, fingerprint, plans, rejected, dataset)
+    entry = _finish(out, source, opts, fingerprint, plans, listing_rejected + rejected, dataset)
     log(f"done in {time.perf_counter() - t0:.1f} s")
     return entry
 

@@ -13,9 +13,10 @@ Inputs larger than serve.tile LR pixels go through overlapping tiles with blende
 
 Status codes: 400 undecodable body, unknown or out-of-range parameters, or a solve that needs more than
 serve.max_nfe network evaluations; 401 missing or wrong bearer token when the environment variable named by
-serve.token_env is set on the replica; 413 more than serve.max_pixels input pixels; 415 a content type or image
-format other than PNG/JPEG; 503 overload (Serve's max_queued_requests backpressure, with Retry-After) or a solve
-longer than serve.max_seconds.
+serve.token_env is set on the replica (also for /docs, /redoc and /openapi.json); 413 more than serve.max_pixels
+input pixels; 415 a content type or image format other than PNG/JPEG; 503 overload (Serve's max_queued_requests
+backpressure, with Retry-After) or a solve longer than serve.max_seconds. In front of the replicas, Serve's proxies
+run pfsr.pipeline.proxy (body cap, replay after a lost replica, JSON 503s with Retry-After, token on /-/routes).
 """
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class in the handlers' signatures.
 import asyncio
@@ -33,6 +34,7 @@ from typing import Any, Optional
 import torch
 import yaml
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import Application
@@ -46,6 +48,7 @@ from ..images import ImageRejected, decode_image, read_header
 from ..inference import resolve_device, to_image
 from ..sampling import SAMPLERS
 from .batching import SolverSettings, WorkItem, effective_bucket, plan_groups, run_group
+from .proxy import max_body_bytes, proxy_env
 
 log = logging.getLogger("pfsr.serve")
 
@@ -59,7 +62,9 @@ TOLERANCE_RANGE = (1e-5, 1e-1)
 MAX_SEED = 2**63 - 1
 RETRY_AFTER_S = 1
 
-api = FastAPI(title="PF-SR", description="Diffusion super-resolution (probability-flow sampling)")
+# the docs routes are the replica's own (below), behind the bearer token like /upscale
+api = FastAPI(title="PF-SR", description="Diffusion super-resolution (probability-flow sampling)", docs_url=None,
+              redoc_url=None, openapi_url=None)
 
 
 def page_html(cfg: ServeConfig, scale: int) -> str:
@@ -172,7 +177,7 @@ class Engine:
     def __init__(self, checkpoint: str, cfg: ServeConfig, device: Optional[str] = None):
         self.cfg = cfg
         self.device = resolve_device(device)
-        self.model = load_model(storage.read_bytes(checkpoint), self.device)
+        self.model = load_model(storage.read_bytes(checkpoint), self.device, name=checkpoint)
         self.bucket = effective_bucket(self.model, cfg.size_bucket)
         self.budget: Optional[Budget] = None
         self.model.unet.register_forward_pre_hook(self._charge)
@@ -240,6 +245,20 @@ class Upscaler:
         return {"status": "ok", "scale": self.engine.model.scale, "device": str(self.engine.device),
                 "default_sampler": self.cfg.default_sampler, "default_steps": self.cfg.default_steps}
 
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> Response:
+        return self._guarded(request, lambda: JSONResponse(api.openapi()))
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> Response:
+        url = request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+        return self._guarded(request, lambda: get_swagger_ui_html(openapi_url=url, title=api.title))
+
+    @api.get("/redoc", include_in_schema=False)
+    def redoc(self, request: Request) -> Response:
+        url = request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+        return self._guarded(request, lambda: get_redoc_html(openapi_url=url, title=api.title))
+
     @api.post("/upscale")
     async def upscale(self, request: Request) -> Response:
         try:
@@ -262,8 +281,14 @@ class Upscaler:
         return Response(outcome.png, media_type="image/png", headers=headers)
 
     def _max_body_bytes(self) -> int:
-        # an encoded image of max_pixels is at most about its raw RGBA size
-        return 4 * self.cfg.max_pixels + (1 << 20)
+        return max_body_bytes(self.cfg.max_pixels)
+
+    def _guarded(self, request: Request, page) -> Response:
+        try:
+            self._authorize(request.headers.get("authorization", ""))
+        except RequestError as e:
+            return e.response()
+        return page()
 
     def _authorize(self, header: str) -> None:
         if self.token is None:
@@ -333,6 +358,10 @@ def run_cli(args) -> int:
         str(resolve_checkpoint(args.checkpoint).resolve())
     if not storage.is_file(checkpoint):
         raise InputError(f"checkpoint {checkpoint} does not exist")
+    load_model(storage.read_bytes(checkpoint), name=checkpoint)  # a bad checkpoint fails here, not in a replica
+    # Serve's proxies read these from their node's environment: the Ray started here inherits them; the nodes
+    # of a cluster started elsewhere need them set there (cluster/aws.yaml, the KubeRay manifests).
+    os.environ.update(proxy_env(cfg))
     if not ray.is_initialized():
         ray.init(address=args.ray_address)
     token = os.environ.get(cfg.token_env)

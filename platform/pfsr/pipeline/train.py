@@ -256,9 +256,11 @@ def train(config: Config | str | Path, *, data: Optional[str] = None, val_data: 
     """
     default_name = f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}" if not isinstance(config, Config) \
         else f"{config.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
     if not isinstance(config, Config):
-        config = load_config(config, {"train.steps": steps} if steps else None)
-    elif steps:
+        config = load_config(config, {"train.steps": steps} if steps is not None else None)
+    elif steps is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps)).validate()
     _check_schedule(config)
     tc = config.train
@@ -276,6 +278,7 @@ def train(config: Config | str | Path, *, data: Optional[str] = None, val_data: 
     name = name or default_name
     filesystem, storage_path = storage.resolve(storage_uri)
     run_uri = storage.join(storage_uri if storage.is_s3(storage_uri) else storage_path, name)
+    storage.exists(run_uri)  # an unreachable S3 endpoint fails here, named, not inside Ray Train
     resume_from = None
     if resume:
         if not _has_checkpoints(run_uri):
