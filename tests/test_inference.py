@@ -44,7 +44,7 @@ def test_tiles_blend_without_seams(lr_photo):
     assert blended_error < 0.01 < seam_error
 
 
-@pytest.mark.parametrize("method, steps", [("pf_ode", 2), ("pf_ode", None), ("sde", 5)])
+@pytest.mark.parametrize("method, steps", [("pf_ode", 2), ("pf_ode", None), ("sde", 5), ("mrs_sde", 3)])
 def test_each_item_independent_of_its_batch(model, method, steps):
     lr = torch.rand(3, 3, 4, 4)
     batch, _ = super_resolve(model, lr, method=method, steps=steps, rtol=1e-2, atol=1e-2, seeds=[5, 6, 7])

@@ -118,7 +118,9 @@ def load_evaluations(out: Path) -> list[dict[str, Any]]:
 def setting_label(report: dict[str, Any]) -> str:
     if report.get("sampler") == "pf_ode" and report.get("steps") is None:
         return f"PF-ODE dopri5 (rtol {report.get('rtol', 1e-4):g})"
-    return f"{report.get('sampler')} {report.get('steps')} steps"
+    order = f" order {report['order']}" if report.get("order") is not None else ""
+    mean = ", rrdb mean" if report.get("diffusion_mean") == "rrdb" else ""
+    return f"{report.get('sampler')}{order} {report.get('steps')} steps{mean}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,11 +20,15 @@ log = logging.getLogger("pfsr.train")
 
 
 def set_trainable(model: PFSRModel, stage: str) -> None:
-    """Encoder stage: only the RRDB (trunk and regression head). Diffusion/quality stages: the U-Net and the RRDB
+    """Encoder stage: only the RRDB (trunk and regression head). Inversion stage: only the inverter.
+    Diffusion/quality stages: the U-Net and the RRDB
     trunk unless frozen; the RRDB's regression head stays as it was (it is the baseline, unused by the U-Net)."""
     model.requires_grad_(False)
     if stage == "encoder":
         model.rrdb.requires_grad_(True)
+        return
+    if stage == "inversion":  # seed 001: the noise predictor alone, the PF-SR model frozen
+        model.inverter.requires_grad_(True)
         return
     model.unet.requires_grad_(True)
     if not model.freeze_encoder:
@@ -75,11 +79,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Config,
-               generator: Optional[torch.Generator] = None) -> dict[str, float]:
+               generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None) -> dict[str, float]:
     """One optimizer step on a batch of HR crops [N x C x H x W] in [0, 1] (on the training device).
 
     `objective` is a TrainingObjective over state.model, possibly wrapped in DistributedDataParallel. The LR
-    input is made here, on the device. Returns train/* metrics (losses, lr, grad_norm).
+    input is made here, on the device. mask: the crops' label masks [N x H x W] (seed 002's structure noise).
+    Returns train/* metrics (losses, lr, grad_norm).
     """
     tc, lc = config.train, config.loss
     # 8-bit LR, as the LR files of the data sets (and every LR input at inference) are.
@@ -87,13 +92,16 @@ def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Conf
     with_quality = (tc.stage == "quality" or lc.quality_weight > 0) and state.step % lc.quality_every == 0
     use_bf16 = tc.bf16 and hr.device.type == "cuda"
     with torch.autocast(device_type=hr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        losses = objective(hr, lr_img, with_quality=with_quality, generator=generator)
+        losses = objective(hr, lr_img, with_quality=with_quality, generator=generator, mask=mask)
+    code = losses.pop("code", None)  # seed 004: this batch's adaptive-condition codes
     state.optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
+    if code is not None:
+        state.model.adaptive.update_histogram(code, tc.ema_decay)
     ema_update(state.ema, state.model, tc.ema_decay)
     state.step += 1
     metrics = {f"train/{k}": v.item() for k, v in losses.items() if k != "total"}
@@ -115,8 +123,10 @@ def train_loop(state: TrainState, config: Config, batches: Iterable[Tensor], *,
     count, samples, t0 = 0, 0, time.perf_counter()
     batch_iter: Iterator[Tensor] = iter(batches)
     while state.step < until_step:
-        hr = next(batch_iter).to(device, non_blocking=True)
-        metrics = train_step(objective, hr, state, config, generator)
+        batch = next(batch_iter)
+        hr, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)  # (hr, mask): with_masks loaders
+        hr = hr.to(device, non_blocking=True)
+        metrics = train_step(objective, hr, state, config, generator, mask=mask)
         for k, v in metrics.items():
             acc[k] = acc.get(k, 0.0) + v
         count, samples = count + 1, samples + hr.shape[0]

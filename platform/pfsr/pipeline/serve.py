@@ -2,9 +2,11 @@
 public web page (pfsr/assets/index.html) that uploads an image to /upscale and shows the result beside bicubic.
 
 Query parameters of /upscale: `sampler` (a key of pfsr.sampling.SAMPLERS, default serve.default_sampler),
-`steps` (fixed-step samplers; default serve.default_steps; pf_ode without steps is adaptive dopri5), `rtol` and
-`atol` (adaptive pf_ode only), `seed` (default 0). The response carries X-PFSR-NFE, X-PFSR-Seconds (solver time
-of its batch) and X-PFSR-Batch (how many requests shared the solve).
+`steps` (fixed-step samplers; default serve.default_steps for the default sampler, else the sampler's own default,
+pfsr.sampling.DEFAULT_STEPS; pf_ode without steps is adaptive dopri5; invsr takes 1-5 and a checkpoint with an
+inverter), `order` (mrs_sde only: 1 or 2, default 2), `rtol` and `atol` (adaptive pf_ode only), `seed` (default 0).
+The response carries X-PFSR-NFE, X-PFSR-Seconds (solver time of its batch) and X-PFSR-Batch (how many requests
+shared the solve).
 
 Batching: requests meet in `@serve.batch` (serve.max_batch_size, serve.batch_wait_timeout_s) and are grouped by
 (sampler settings, size bucket) in `pfsr.pipeline.batching`: each request keeps its own seed and padding, adaptive
@@ -45,8 +47,8 @@ from ..checkpoint import load_model
 from ..config import ConfigError, ServeConfig, load_config
 from ..errors import InputError
 from ..images import ImageRejected, decode_image, read_header
-from ..inference import resolve_device, to_image
-from ..sampling import SAMPLERS
+from ..inference import check_sampler, resolve_device, to_image
+from ..sampling import DEFAULT_STEPS, SAMPLERS
 from .batching import SolverSettings, WorkItem, effective_bucket, plan_groups, run_group
 from .proxy import max_body_bytes, proxy_env
 
@@ -56,7 +58,7 @@ DEPLOYMENT_NAME = "PFSRUpscaler"  # cluster/serve.yaml's deployments: entry over
 ACCEPTED_TYPES = {"image/png", "image/jpeg", "image/jpg"}
 SNIFFED_TYPES = {"", "application/octet-stream"}  # no declared type: the image header decides
 ACCEPTED_FORMATS = {"PNG", "JPEG"}
-QUERY_PARAMS = ("sampler", "steps", "rtol", "atol", "seed")
+QUERY_PARAMS = ("sampler", "steps", "rtol", "atol", "seed", "order")
 # dopri5 in float32 fails below ~1e-6 ("underflow in dt") and is meaningless above 1e-1.
 TOLERANCE_RANGE = (1e-5, 1e-1)
 MAX_SEED = 2**63 - 1
@@ -114,8 +116,10 @@ class Outcome:
     batch: int
 
 
-def parse_params(query: dict[str, str], cfg: ServeConfig) -> tuple[SolverSettings, int]:
-    """Query parameters -> (SolverSettings, seed); RequestError(400) names the parameter that is wrong."""
+def parse_params(query: dict[str, str], cfg: ServeConfig, *, has_inverter: bool = False
+                 ) -> tuple[SolverSettings, int]:
+    """Query parameters -> (SolverSettings, seed); RequestError(400) names the parameter that is wrong.
+    has_inverter: whether the served model can run sampler invsr."""
     unknown = sorted(set(query) - set(QUERY_PARAMS))
     if unknown:
         raise RequestError(400, f"unknown query parameter {unknown[0]!r}; known: {', '.join(QUERY_PARAMS)}")
@@ -139,9 +143,14 @@ def parse_params(query: dict[str, str], cfg: ServeConfig) -> tuple[SolverSetting
     rtol = number("rtol", float, *TOLERANCE_RANGE) if "rtol" in query else 1e-4
     atol = number("atol", float, *TOLERANCE_RANGE) if "atol" in query else 1e-4
     if steps is None and method != "pf_ode":
-        steps = cfg.default_steps
+        steps = cfg.default_steps if method == cfg.default_sampler else DEFAULT_STEPS[method]
+    order = number("order", int, -MAX_SEED, MAX_SEED) if "order" in query else None
+    try:
+        check_sampler(method, steps, order, has_inverter=has_inverter)
+    except InputError as e:
+        raise RequestError(400, str(e)) from None
     seed = number("seed", int, 0, MAX_SEED) if "seed" in query else 0
-    return SolverSettings(method=method, steps=steps, rtol=rtol, atol=atol), seed
+    return SolverSettings(method=method, steps=steps, rtol=rtol, atol=atol, order=order), seed
 
 
 def decode_upload(body: bytes, content_type: str, cfg: ServeConfig):
@@ -243,7 +252,8 @@ class Upscaler:
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "scale": self.engine.model.scale, "device": str(self.engine.device),
-                "default_sampler": self.cfg.default_sampler, "default_steps": self.cfg.default_steps}
+                "default_sampler": self.cfg.default_sampler, "default_steps": self.cfg.default_steps,
+                "inverter": self.engine.model.inverter is not None}
 
     @api.get("/openapi.json", include_in_schema=False)
     def openapi(self, request: Request) -> Response:
@@ -263,7 +273,8 @@ class Upscaler:
     async def upscale(self, request: Request) -> Response:
         try:
             self._authorize(request.headers.get("authorization", ""))
-            settings, seed = parse_params(dict(request.query_params), self.cfg)
+            settings, seed = parse_params(dict(request.query_params), self.cfg,
+                                          has_inverter=self.engine.model.inverter is not None)
             length = int(request.headers.get("content-length") or 0)
             if length > self._max_body_bytes():
                 raise RequestError(413, f"body of {length} bytes is larger than {self._max_body_bytes()} bytes")
@@ -276,8 +287,9 @@ class Upscaler:
             return outcome.response()
         headers = {"X-PFSR-NFE": str(outcome.nfe), "X-PFSR-Seconds": f"{outcome.seconds:.3f}",
                    "X-PFSR-Batch": str(outcome.batch), "X-PFSR-Sampler": settings.method}
-        if decoded.notes:
-            headers["X-PFSR-Notes"] = "; ".join(decoded.notes).encode("ascii", "replace").decode()
+        notes = decoded.notes + ([self.engine.model.adaptive.describe()] if self.engine.model.adaptive else [])
+        if notes:
+            headers["X-PFSR-Notes"] = "; ".join(notes).encode("ascii", "replace").decode()
         return Response(outcome.png, media_type="image/png", headers=headers)
 
     def _max_body_bytes(self) -> int:
