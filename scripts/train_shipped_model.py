@@ -1,8 +1,9 @@
 """Train the shipped model (models/pfsr_x4_small.pt) within a time budget, and measure it on held-back photos.
 
 The seed's three stages, each from the one before: encoder (L1 regression of the RRDB), diffusion (DSM, frozen
-encoder) and quality (fine-tuning with the image-quality loss through the adjoint PF-ODE), from
-configs/pfsr_x4_small_encoder.yaml, configs/pfsr_x4_small.yaml and configs/pfsr_x4_small_quality.yaml, on the
+encoder) and quality (fine-tuning with the image-quality loss through the adjoint PF-ODE), then seed 001's
+inversion stage (the noise predictor of sampler invsr over the frozen model), from
+configs/pfsr_x4_small_{encoder,,quality,inversion}.yaml (the diffusion stage's is pfsr_x4_small.yaml), on the
 shards of scripts/fetch_wallpapers.py (the wallpaper corpus) or of `pfsr prep`/`pfsr demo`. Each stage runs the
 core training loop (pfsr.train.train_loop, the loop `pfsr train` runs in every Ray Train worker) in this process
 on one device, so it also runs on a GPU machine without Ray. A stage first times a few steps, then sets its step
@@ -19,7 +20,8 @@ Resumable: every --checkpoint-minutes, and when --max-hours is up, the running s
 (weights, EMA, optimizer, scheduler, step count, data position) goes to OUT/<stage>_state.pt; a finished stage
 leaves OUT/<stage>.pt. With --resume, finished stages are skipped and a started one continues from its state.
 
-Writes to --out: encoder.pt, diffusion.pt and pfsr_x4_small.pt (serving checkpoints of the three stages),
+Writes to --out: encoder.pt, diffusion.pt, quality.pt, inversion.pt and pfsr_x4_small.pt (serving checkpoints of
+the stages; the last is the last stage's),
 train_log.jsonl (one line per log step, appended across resumed runs), and shipped_metrics.json: PSNR/SSIM(Y),
 gradient energy and NFE of bicubic, the RRDB baseline, PF-ODE (dopri5 1e-4) and the few-step solvers on the
 --val-images photos, whole, each against its HR.
@@ -49,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS, TIMING_STEPS = 20, 50
 LR_HALVINGS = (0.6, 0.85)
 STAGES = (("encoder", "pfsr_x4_small_encoder.yaml"), ("diffusion", "pfsr_x4_small.yaml"),
-          ("quality", "pfsr_x4_small_quality.yaml"))
-STAGE_SHARES = {"encoder": 0.2, "diffusion": 0.6, "quality": 0.2}  # of --minutes
+          ("quality", "pfsr_x4_small_quality.yaml"), ("inversion", "pfsr_x4_small_inversion.yaml"))
+STAGE_SHARES = {"encoder": 0.2, "diffusion": 0.5, "quality": 0.15, "inversion": 0.15}  # of --minutes
 SAMPLER_SETTINGS = (dict(method="pf_ode"), dict(method="dpmpp_2m", steps=10), dict(method="dpmpp_2m", steps=5),
                     dict(method="unipc", steps=4))
 
@@ -138,7 +140,8 @@ def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device) -
         lr = to_uint8(degrade(hr, s)).float().div(255)  # 8-bit LR, as LR files are
         hr_energy.append(gradient_energy(hr_rgb, s))
         outputs = {"bicubic": (upsample(lr, s), 0, 0.0), "rrdb": (model.regress(lr), 1, 0.0)}
-        for setting in SAMPLER_SETTINGS:
+        # seed 001's one-step sampler when the inversion stage ran
+        for setting in SAMPLER_SETTINGS + ((dict(method="invsr", steps=1),) if model.inverter is not None else ()):
             t0 = time.perf_counter()
             sr, nfe = super_resolve(model, lr, **setting, seeds=[i])
             outputs["_".join(str(v) for v in setting.values())] = (sr, nfe, time.perf_counter() - t0)
@@ -164,7 +167,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--minutes", type=float, default=9.0, help="training time, all stages together")
-    ap.add_argument("--stages", default="encoder,diffusion,quality", help="comma-separated, in order")
+    ap.add_argument("--stages", default="encoder,diffusion,quality,inversion", help="comma-separated, in order")
     ap.add_argument("--max-hours", type=float, default=None, help="stop after this long (save; then --resume)")
     ap.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the running stage this often")
     ap.add_argument("--resume", action="store_true", help="skip finished stages, continue the started one")
