@@ -141,6 +141,8 @@ def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="your own images (local or s3://); default: scikit-image's photos")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a shortened run (tests)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train configs/tiny*.yaml from random weights instead of fine-tuning the shipped model")
 
 
 # name -> (help, argument builder, "module:function" that runs it)

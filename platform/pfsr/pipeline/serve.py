@@ -1,4 +1,5 @@
-"""Ray Serve endpoint: `POST /upscale` (PNG or JPEG bytes -> the upscaled PNG) and `GET /healthz`.
+"""Ray Serve endpoint: `POST /upscale` (PNG or JPEG bytes -> the upscaled PNG), `GET /healthz`, and `GET /`: a
+public web page (pfsr/assets/index.html) that uploads an image to /upscale and shows the result beside bicubic.
 
 Query parameters of /upscale: `sampler` (a key of pfsr.sampling.SAMPLERS, default serve.default_sampler),
 `steps` (fixed-step samplers; default serve.default_steps for the default sampler, else the sampler's own default,
@@ -36,7 +37,7 @@ import torch
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -66,6 +67,18 @@ RETRY_AFTER_S = 1
 # the docs routes are the replica's own (below), behind the bearer token like /upscale
 api = FastAPI(title="PF-SR", description="Diffusion super-resolution (probability-flow sampling)", docs_url=None,
               redoc_url=None, openapi_url=None)
+
+
+def page_html(cfg: ServeConfig, scale: int) -> str:
+    """The web page (pfsr/assets/index.html) with this application's samplers, default sampler and steps, scale."""
+    from html import escape
+    from importlib import resources
+
+    options = "".join(f'<option value="{escape(name)}"{" selected" if name == cfg.default_sampler else ""}>'
+                      f"{escape(name)}</option>" for name in SAMPLERS)
+    page = resources.files("pfsr").joinpath("assets", "index.html").read_text(encoding="utf-8")
+    return (page.replace("__SAMPLER_OPTIONS__", options).replace("__DEFAULT_STEPS__", str(cfg.default_steps))
+            .replace("__SCALE__", str(scale)))
 
 
 class RequestError(Exception):
@@ -225,11 +238,16 @@ class Upscaler:
         torch.set_num_threads(max(1, int(cpus)))  # the replica's share, not every core of the node
         self.engine = Engine(checkpoint, self.cfg, device)
         self.token = os.environ.get(self.cfg.token_env) or None
+        self.page_html = page_html(self.cfg, self.engine.model.scale)
         self._solve.set_max_batch_size(self.cfg.max_batch_size)
         self._solve.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         log.info("PF-SR replica: %s on %s, x%d, batches of <= %d, bucket %d, auth %s", checkpoint,
                  self.engine.device, self.engine.model.scale, self.cfg.max_batch_size, self.engine.bucket,
                  "on" if self.token else "off")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page_html)  # public: no token (the page asks for one and sends it to /upscale)
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
@@ -364,7 +382,7 @@ def run_cli(args) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(checkpoint, cfg, ray_actor_options=actor_options), name="pfsr", route_prefix="/")
     print(f"PF-SR serving {checkpoint} at http://{args.host}:{args.port}/upscale (GET /healthz; bearer token "
-          f"{'required' if token else 'off'}); Ctrl-C to stop", flush=True)
+          f"{'required' if token else 'off'}); web page http://{args.host}:{args.port}/ ; Ctrl-C to stop", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`, docker stop: shut down as on Ctrl-C
     try:
         while True:
