@@ -49,8 +49,10 @@ import numpy as np
 import yaml
 
 from .. import storage
+from ..config import ServeConfig
 from ..errors import InputError
 from ..inference import DEFAULT_CHECKPOINT, IMAGE_SUFFIXES
+from .proxy import proxy_env
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # the diffusion stage
@@ -385,7 +387,9 @@ def local_cluster(pipe: Pipeline) -> Iterator[str]:
     temp_dir = tempfile.mkdtemp(prefix="pfsr-demo-ray-")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    cluster_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Serve's proxies on this cluster load PF-SR's layer (body cap, replay of a lost replica's request, JSON 503s).
+    cluster_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                   **proxy_env(ServeConfig())}
     # Logical CPUs, not cores: the stages run one after another, and Ray Train's 2 workers plus Ray Data's
     # tasks must fit on a 2-core machine (each worker sets its own torch threads).
     # The dashboard also serves the State API, which Ray Train's placement-group cleaner polls.
