@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import ray
 import torch
 from PIL import Image
 
-from _common import load_photos, write_result
+from _common import load_photos, run_benchmark, write_result
 from pfsr.pipeline.batching import SolverSettings
 from pfsr.pipeline.evaluate import evaluate
 from serve_load import tiny_checkpoint
@@ -81,7 +82,8 @@ def main() -> dict:
                 "replicas": replicas, "wall_s": round(wall, 2), "images_per_s": round(report["n_images"] / wall, 3),
                 "model_seconds_per_image": round(report["model"]["seconds_per_image"], 3),
                 "nfe": report["model"]["nfe"]}
-            print(f"{replicas} replica(s): {report['n_images'] / wall:.3f} images/s ({wall:.1f} s)", flush=True)
+            print(f"{replicas} replica(s): {report['n_images'] / wall:.3f} images/s ({wall:.1f} s)",
+                  file=sys.stderr, flush=True)
     ray.shutdown()
     runs = [result["runs"][str(r)]["images_per_s"] for r in args.replicas]
     result["speedup_last_over_first"] = round(runs[-1] / runs[0], 3)
@@ -89,4 +91,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    write_result(main(), RESULT)
+    run_benchmark(lambda: write_result(main(), RESULT))

@@ -17,7 +17,7 @@ from torch import Tensor
 from .degradation import upsample
 from .errors import InputError
 from .models.sr import PFSRModel
-from .sampling import SAMPLERS, sample
+from .sampling import INVSR_MAX_STEPS, MRS_ORDERS, SAMPLERS, STOCHASTIC, sample
 
 log = logging.getLogger("pfsr.inference")
 
@@ -26,9 +26,27 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def is_deterministic_batchable(method: str, steps: Optional[int]) -> bool:
-    """Fixed-step deterministic solvers run a batch at once; adaptive (dopri5) and stochastic (sde) solvers run
-    item by item, so that one item's step control or noise never depends on the others in its batch."""
-    return method != "sde" and not (method == "pf_ode" and steps is None)
+    """Fixed-step deterministic solvers run a batch at once; adaptive (dopri5) and stochastic (sde, mrs_sde)
+    solvers run item by item, so that one item's step control or noise never depends on the others in its batch."""
+    return method not in STOCHASTIC and not (method == "pf_ode" and steps is None)
+
+
+def check_sampler(method: str, steps: Optional[int], order: Optional[int] = None, *, has_inverter: bool) -> None:
+    """InputError for a setting the model or the sampler cannot run: an unknown sampler, `order` with a sampler
+    other than mrs_sde or outside 1-2, invsr steps outside 1-5 or a model without an inverter."""
+    if method not in SAMPLERS:
+        raise InputError(f"unknown sampler {method!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    if order is not None and method != "mrs_sde":
+        raise InputError(f"order applies to the mrs_sde sampler only, not {method}")
+    if order is not None and order not in MRS_ORDERS:
+        raise InputError(f"mrs_sde order must be 1 or 2, got {order}")
+    if method == "invsr":
+        if steps is not None and not 1 <= steps <= INVSR_MAX_STEPS:
+            raise InputError(f"invsr takes 1 to {INVSR_MAX_STEPS} steps, got {steps}")
+        if not has_inverter:
+            raise InputError("sampler invsr needs a checkpoint with an inverter: this one has none; train it with "
+                             "`pfsr train --config configs/<size>_inversion.yaml --init <this model's run>` "
+                             "(train.stage: inversion) and export that run")
 
 
 def _prior(shape: Sequence[int], seeds: Sequence[int], device, dtype) -> Tensor:
@@ -39,24 +57,31 @@ def _prior(shape: Sequence[int], seeds: Sequence[int], device, dtype) -> Tensor:
 
 @torch.no_grad()
 def super_resolve(model: PFSRModel, lr: Tensor, *, method: str = "pf_ode", steps: Optional[int] = None,
-                  rtol: float = 1e-4, atol: float = 1e-4, seeds: Optional[Sequence[int]] = None) -> tuple[Tensor, int]:
+                  rtol: float = 1e-4, atol: float = 1e-4, seeds: Optional[Sequence[int]] = None,
+                  order: Optional[int] = None, code_seeds: Optional[Sequence[int]] = None) -> tuple[Tensor, int]:
     """LR [N x C x h x w] in [0, 1] (sides a multiple of model.lr_multiple) -> (SR [N x C x sh x sw] in [0, 1], NFE).
 
-    NFE counts network evaluations of the batch (item-by-item solvers: the sum over items).
+    NFE counts network evaluations of the batch (item-by-item solvers: the sum over items). `order`: mrs_sde's.
+    invsr starts at the model's t* from the inverter's prediction, with each item's seed drawing its xi.
+    code_seeds: the seeds of the adaptive condition's histogram draws (default: seeds).
     """
-    if method not in SAMPLERS:
-        raise InputError(f"unknown sampler {method!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    check_sampler(method, steps, order, has_inverter=model.inverter is not None)
     seeds = list(range(lr.shape[0])) if seeds is None else list(seeds)
     if not is_deterministic_batchable(method, steps) and lr.shape[0] > 1:
-        outs = [super_resolve(model, lr[i:i + 1], method=method, steps=steps, rtol=rtol, atol=atol, seeds=[s])
-                for i, s in enumerate(seeds)]
+        code_seeds = seeds if code_seeds is None else list(code_seeds)
+        outs = [super_resolve(model, lr[i:i + 1], method=method, steps=steps, rtol=rtol, atol=atol, seeds=[s],
+                              order=order, code_seeds=[code_seeds[i]]) for i, s in enumerate(seeds)]
         return torch.cat([o[0] for o in outs]), sum(o[1] for o in outs)
-    cond = model.condition(lr)
+    cond = model.condition(lr, code_seeds=seeds if code_seeds is None else code_seeds)
     eps_fn, x0_fn = model.denoiser_fns(cond)
     x_T = _prior(cond.upsampled.shape, seeds, lr.device, lr.dtype)
     generator = torch.Generator(device=lr.device).manual_seed(seeds[0])
-    result = sample(eps_fn, x_T, model.sde, method=method, steps=steps, rtol=rtol, atol=atol, generator=generator,
-                    x0_fn=x0_fn)
+    start = {"x_T": x_T}
+    if method == "invsr":
+        t_star = torch.full((lr.shape[0],), model.t_star, device=lr.device, dtype=lr.dtype)
+        start = {"x_T": None, "t_start": model.t_star, "x_start": model.inversion_start(cond, t_star, x_T)[0]}
+    result = sample(eps_fn, sde=model.sde, method=method, steps=steps, rtol=rtol, atol=atol, generator=generator,
+                    x0_fn=x0_fn, order=order, **start)
     return model.from_diffused(result.x, cond).clamp(0, 1), result.nfe
 
 
@@ -91,10 +116,10 @@ def _blend_window(tile_h: int, tile_w: int, ramp: int, device) -> Tensor:
 @torch.no_grad()
 def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = 128, overlap: int = 16, method: str = "pf_ode",
                         steps: Optional[int] = None, rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
-                        tile_batch: int = 4) -> tuple[Tensor, int]:
+                        tile_batch: int = 4, order: Optional[int] = None) -> tuple[Tensor, int]:
     """One LR image [1 x C x h x w] of any size -> (SR [1 x C x sh x sw], NFE): padded to the U-Net multiple and,
     when larger than `tile` LR pixels, cut into overlapping tiles whose outputs are blended linearly over the
-    overlap. Tile i uses seed + i."""
+    overlap. Tile i uses seed + i; every tile draws its adaptive-condition code (histogram prior) with `seed`."""
     if lr.ndim != 4 or lr.shape[0] != 1:
         raise ValueError(f"expected one image [1, C, h, w], got {tuple(lr.shape)}")
     multiple = model.lr_multiple
@@ -114,7 +139,8 @@ def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = 128, overla
         chunk = boxes[start:start + tile_batch]
         tiles = torch.cat([lr[..., y:y + tile_h, x:x + tile_w] for y, x in chunk])
         sr, n = super_resolve(model, tiles, method=method, steps=steps, rtol=rtol, atol=atol,
-                              seeds=[seed + start + i for i in range(len(chunk))])
+                              seeds=[seed + start + i for i in range(len(chunk))], order=order,
+                              code_seeds=[seed] * len(chunk))
         nfe += n
         for (y, x), piece in zip(chunk, sr):
             out[..., y * s:(y + tile_h) * s, x * s:(x + tile_w) * s] += piece.float() * window
@@ -143,12 +169,12 @@ def resolve_checkpoint(checkpoint: Optional[str | Path]) -> Path:
 
 def upscale_array(model: PFSRModel, rgb: np.ndarray, alpha: Optional[np.ndarray] = None, *, method: str,
                   steps: Optional[int], rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0, tile: int = 128,
-                  overlap: int = 16, device: torch.device | str = "cpu") -> UpscaleResult:
+                  overlap: int = 16, device: torch.device | str = "cpu", order: Optional[int] = None) -> UpscaleResult:
     """HxWx3 uint8 RGB (and optional HxW uint8 alpha) -> UpscaleResult with an RGB or RGBA PIL image."""
     t0 = time.perf_counter()
     lr = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255).to(device)
     sr, nfe = super_resolve_tiled(model, lr, tile=tile, overlap=overlap, method=method, steps=steps, rtol=rtol,
-                                  atol=atol, seed=seed)
+                                  atol=atol, seed=seed, order=order)
     return UpscaleResult(image=to_image(sr[0], alpha, model.scale), nfe=nfe, seconds=time.perf_counter() - t0)
 
 
@@ -165,11 +191,12 @@ def to_image(sr: Tensor, alpha: Optional[np.ndarray], scale: int) -> Image.Image
 
 def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[str] = None, *,
             steps: Optional[int] = None, rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
-            tile: Optional[int] = None, device: Optional[str] = None, model: Optional[PFSRModel] = None) -> Image.Image:
+            tile: Optional[int] = None, device: Optional[str] = None, model: Optional[PFSRModel] = None,
+            order: Optional[int] = None) -> Image.Image:
     """Super-resolve a PIL image, a path, or image bytes; returns a PIL image `scale` times larger.
 
     `checkpoint`: an exported checkpoint (default: the shipped models/pfsr_x4_small.pt); `sampler`: one of
-    pfsr.sampling.SAMPLERS (default: the checkpoint config's sampler).
+    pfsr.sampling.SAMPLERS (default: the checkpoint config's sampler); `order`: mrs_sde's (1 or 2, default 2).
     """
     from .checkpoint import load_model
     from .images import decode_image
@@ -191,7 +218,8 @@ def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[st
         name, data = "image", bytes(image)
     decoded = decode_image(data, name, max_pixels=None)
     return upscale_array(model, decoded.rgb, decoded.alpha, method=method, steps=steps, rtol=rtol, atol=atol,
-                         seed=seed, tile=tile or cfg.serve.tile, overlap=cfg.serve.tile_overlap, device=dev).image
+                         seed=seed, tile=tile or cfg.serve.tile, overlap=cfg.serve.tile_overlap, device=dev,
+                         order=order).image
 
 
 def run_cli(args) -> int:
@@ -216,10 +244,13 @@ def run_cli(args) -> int:
     model = load_model(resolve_checkpoint(args.checkpoint), device)
     method = args.sampler or model.config.sampler.method
     steps = args.steps if args.steps is not None or args.sampler else model.config.sampler.steps
+    check_sampler(method, steps, args.order, has_inverter=model.inverter is not None)  # before writing anything
+    if model.adaptive is not None:
+        print(model.adaptive.describe(), flush=True)
     for i, (p, q) in enumerate(zip(inputs, outputs), 1):
         t0 = time.perf_counter()
         image = upscale(p, sampler=method, steps=steps, rtol=args.rtol, atol=args.atol, seed=args.seed,
-                        tile=args.tile, device=str(device), model=model)
+                        tile=args.tile, device=str(device), model=model, order=args.order)
         q.parent.mkdir(parents=True, exist_ok=True)
         tmp = q.with_name(q.name + ".tmp")
         try:
