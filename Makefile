@@ -23,7 +23,12 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(BIN)/python -m pip install -q --no-deps lpips==0.1.4
 	touch $@
 
+# The web page's browser test drives Debian's chromium through chromium-driver (/usr/bin/chromedriver); without
+# them (no apt-get, not root) it is skipped and says why.
 test: install
+	@if [ ! -x /usr/bin/chromedriver ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+		|| echo "chromium-driver could not be installed: tests/test_web_page.py will be skipped"; fi
 	$(BIN)/python -m pytest
 
 demo: install

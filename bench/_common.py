@@ -1,9 +1,13 @@
-"""What the benchmarks share: scikit-image's RGB photos, and writing a result (bench/run_all.py skips this file)."""
+"""What the benchmarks share: scikit-image's RGB photos, writing a result, and `run`, which keeps stdout for the one
+JSON object (bench/run_all.py skips this file)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -31,8 +35,24 @@ def save_photos(folder: Path) -> Path:
 
 
 def write_result(result: dict, path: Path) -> dict:
-    """Write the benchmark's one JSON object to path and print it."""
+    """Write the benchmark's one JSON object to path; returns it (for `run_benchmark` to print)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     return result
+
+
+def run_benchmark(main: Callable[[], dict]) -> None:
+    """A benchmark's entry point: main() runs with stdout sent to stderr, both sys.stdout and file descriptor 1, so
+    that its prints, logs, Ray's output and its child processes' (`pfsr prep`'s progress lines, say) go to stderr;
+    then the JSON object main() returns is printed on stdout, alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            result = main()
+            sys.stderr.flush()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(json.dumps(result, indent=2), flush=True)

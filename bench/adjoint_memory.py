@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _common import write_result
+from _common import run_benchmark, write_result
 from pfsr.degradation import degrade
 from pfsr.losses import LaplacianPyramidDistance, quality_loss
 from pfsr.train import set_trainable
@@ -98,8 +98,8 @@ def run_fresh(mode: str, steps: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(steps), "--hr-size", str(args.hr_size),
            "--batch", str(args.batch), "--device", args.device, "--threads", str(args.threads),
            "--seed", str(args.seed)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)  # the worker's logs pass to stderr
+    return json.loads(out.stdout)
 
 
 def main(argv=None) -> dict:
@@ -113,10 +113,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "adjoint_memory.json")
     args = ap.parse_args(argv)
-    if args.worker:
+    if args.worker:  # one measurement in a fresh process: its JSON object goes to the parent
         (steps,) = args.steps
-        print(json.dumps(worker(args.worker, steps, args)))
-        return {}
+        return worker(args.worker, steps, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     results: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
@@ -149,4 +148,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

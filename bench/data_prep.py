@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import PHOTOS, load_photos, write_result
+from _common import PHOTOS, load_photos, run_benchmark, write_result
 from pfsr import images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,4 +107,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import ray
 
-from _common import save_photos, write_result
+from _common import save_photos, run_benchmark, write_result
 import pfsr
 from pfsr.config import load_config
 from pfsr.pipeline.train import train
@@ -69,7 +70,8 @@ def main(argv=None) -> dict:
             for workers in args.workers:
                 train(config, data=str(shards), workers=workers, storage_uri=f"{tmp}/runs", name=f"w{workers}")
                 throughput[workers] = samples_per_s(Path(tmp) / "runs" / f"w{workers}")
-                print(f"ddp_scaling: {workers} worker(s): {throughput[workers]:.2f} samples/s", flush=True)
+                print(f"ddp_scaling: {workers} worker(s): {throughput[workers]:.2f} samples/s",
+                      file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     base = throughput[min(throughput)]
@@ -89,4 +91,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import load_photos, write_result
+from _common import load_photos, run_benchmark, write_result
 from pfsr.config import load_config
 from pfsr.degradation import degrade, to_uint8
 
@@ -141,4 +141,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

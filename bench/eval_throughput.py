@@ -35,7 +35,7 @@ import ray
 import torch
 from PIL import Image
 
-from _common import load_photos, write_result
+from _common import load_photos, run_benchmark, write_result
 from pfsr.degradation import degrade, to_uint8
 from pfsr.pipeline.batching import SolverSettings
 from pfsr.pipeline.evaluate import evaluate
@@ -103,8 +103,8 @@ def main() -> dict:
                 "replicas": replicas, "wall_s": round(wall, 2), "images_per_s": round(report["n_images"] / wall, 3),
                 "model_seconds_per_image": round(report["model"]["seconds_per_image"], 3),
                 "nfe": report["model"]["nfe"]}
-            print(f"{replicas} replica(s): {report['n_images'] / wall:.3f} images/s ({wall:.1f} s)", file=sys.stderr,
-                  flush=True)
+            print(f"{replicas} replica(s): {report['n_images'] / wall:.3f} images/s ({wall:.1f} s)",
+                  file=sys.stderr, flush=True)
     ray.shutdown()
     runs = [result["runs"][str(r)]["images_per_s"] for r in args.replicas]
     result["speedup_last_over_first"] = round(runs[-1] / runs[0], 3)
@@ -150,4 +150,4 @@ def whole_photos(width: int, height: int, threads: int, megapixel: bool) -> dict
 
 
 if __name__ == "__main__":
-    write_result(main(), RESULT)
+    run_benchmark(lambda: write_result(main(), RESULT))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _common import save_photos, write_result
+from _common import save_photos, run_benchmark, write_result
 from pfsr.config import load_config
 from pfsr.data import loader_from_config
 
@@ -96,4 +96,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import write_result
+from _common import run_benchmark, write_result
 from pfsr.config import load_config
 from pfsr.degradation import degrade
 from pfsr.models import build_model
@@ -121,4 +121,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

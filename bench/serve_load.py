@@ -20,6 +20,7 @@ import io
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from _common import write_result
+from _common import run_benchmark, write_result
 from pfsr.checkpoint import save, serving_checkpoint, training_checkpoint
 from pfsr.config import ServeConfig, load_config
 from pfsr.models.sr import build_model
@@ -161,7 +162,7 @@ def main() -> dict:
                 rounds[name].append(stats)
                 print(f"round {r + 1}/{args.rounds} {name}: {stats['throughput_rps']} req/s, "
                       f"p50 {stats['latency_p50_s']} s, p99 {stats['latency_p99_s']} s, {stats['status_counts']}",
-                      flush=True)
+                      file=sys.stderr, flush=True)
         for name, batch in settings.items():
             result["settings"][name] = {"max_batch_size": batch, **merge(rounds[name])}
     serve.shutdown()
@@ -174,4 +175,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    write_result(main(), RESULT)
+    run_benchmark(lambda: write_result(main(), RESULT))

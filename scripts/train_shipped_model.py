@@ -1,17 +1,30 @@
 """Train the shipped model (models/pfsr_x4_small.pt) within a time budget, and measure it on held-back photos.
 
-The two stages of the seed's recipe that the model needs, encoder (L1 regression of the RRDB) then diffusion
-(DSM, frozen encoder), from configs/pfsr_x4_small_encoder.yaml and configs/pfsr_x4_small.yaml, on the shards
-that `pfsr prep` (or `pfsr demo`) made of scikit-image's photos. Each stage runs the core training loop
-(pfsr.train.train_loop, the loop `pfsr train` runs in every Ray Train worker) in this process on one device, so
-it also runs on a GPU machine without Ray. A stage first times a few steps, then sets its step count (and the
-learning-rate halvings at 60% and 85% of it) to fill its share of --minutes.
+The seed's three stages, each from the one before: encoder (L1 regression of the RRDB), diffusion (DSM, frozen
+encoder) and quality (fine-tuning with the image-quality loss through the adjoint PF-ODE), then seed 001's
+inversion stage (the noise predictor of sampler invsr over the frozen model), from
+configs/pfsr_x4_small_{encoder,,quality,inversion}.yaml (the diffusion stage's is pfsr_x4_small.yaml), on the
+shards of scripts/fetch_wallpapers.py (the wallpaper corpus) or of `pfsr prep`/`pfsr demo`. Each stage runs the
+core training loop (pfsr.train.train_loop, the loop `pfsr train` runs in every Ray Train worker) in this process
+on one device, so it also runs on a GPU machine without Ray. A stage first times a few steps, then sets its step
+count (and the learning-rate halvings at 60% and 85% of it) to fill its share of --minutes (STAGE_SHARES).
 
-    python scripts/train_shipped_model.py --data demo_out/shards --out models/run --device cuda --minutes 6
+    python scripts/fetch_wallpapers.py --out data/wallpapers          # the corpus, once
+    python scripts/train_shipped_model.py --data data/wallpapers/shards --val-images data/wallpapers/val \
+        --out runs/shipped --device cuda --minutes 9
+    # on a CPU, in runs of at most 2 hours, each continued where the last stopped:
+    python scripts/train_shipped_model.py --data data/wallpapers/shards --val-images data/wallpapers/val \
+        --out runs/shipped --device cpu --minutes 600 --max-hours 2 [--resume]
 
-Writes to --out: encoder.pt and pfsr_x4_small.pt (serving checkpoints), train_log.jsonl (one line per log
-step), and shipped_metrics.json: PSNR/SSIM(Y), gradient energy and NFE of bicubic, the RRDB baseline, PF-ODE
-(dopri5 1e-4) and the few-step solvers on the --val-images photos, whole, each against its HR.
+Resumable: every --checkpoint-minutes, and when --max-hours is up, the running stage's training checkpoint
+(weights, EMA, optimizer, scheduler, step count, data position) goes to OUT/<stage>_state.pt; a finished stage
+leaves OUT/<stage>.pt. With --resume, finished stages are skipped and a started one continues from its state.
+
+Writes to --out: encoder.pt, diffusion.pt, quality.pt, inversion.pt and pfsr_x4_small.pt (serving checkpoints of
+the stages; the last is the last stage's),
+train_log.jsonl (one line per log step, appended across resumed runs), and shipped_metrics.json: PSNR/SSIM(Y),
+gradient energy and NFE of bicubic, the RRDB baseline, PF-ODE (dopri5 1e-4) and the few-step solvers on the
+--val-images photos, whole, each against its HR.
 """
 from __future__ import annotations
 
@@ -24,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pfsr.checkpoint import init_from, save, serving_checkpoint, training_checkpoint
+from pfsr.checkpoint import init_from, load, restore_state, save, serving_checkpoint, training_checkpoint
 from pfsr.config import Config, load_config
 from pfsr.data import iter_images, loader_from_config
 from pfsr.degradation import degrade, to_uint8, upsample
@@ -37,22 +50,45 @@ from pfsr.train import format_metrics, make_state, train_loop
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS, TIMING_STEPS = 20, 50
 LR_HALVINGS = (0.6, 0.85)
+STAGES = (("encoder", "pfsr_x4_small_encoder.yaml"), ("diffusion", "pfsr_x4_small.yaml"),
+          ("quality", "pfsr_x4_small_quality.yaml"), ("inversion", "pfsr_x4_small_inversion.yaml"))
+STAGE_SHARES = {"encoder": 0.2, "diffusion": 0.5, "quality": 0.15, "inversion": 0.15}  # of --minutes
 SAMPLER_SETTINGS = (dict(method="pf_ode"), dict(method="dpmpp_2m", steps=10), dict(method="dpmpp_2m", steps=5),
                     dict(method="unipc", steps=4))
 
 
-def run_stage(config: Config, data: str, device: torch.device, budget_s: float, log_file, init=None):
-    """Train one stage for about budget_s seconds; returns (serving checkpoint, stage summary)."""
-    torch.manual_seed(config.train.seed)
-    state = make_state(build_model(config), config)
-    if init is not None:
-        init_from(state, init)
+def run_stage(config: Config, data: str, device: torch.device, budget_s: float, log_file, out: Path, init=None,
+              deadline: float = float("inf"), checkpoint_s: float = 600):
+    """Train one stage for about budget_s seconds (continuing OUT/<stage>_state.pt when there is one); returns
+    (serving checkpoint, stage summary), or None when `deadline` (time.perf_counter()) came first: then the
+    state is saved for --resume."""
+    state_path = out / f"{config.train.stage}_state.pt"
+    resumed = state_path.is_file()
+    if resumed:
+        saved = load(state_path, kind="training")
+        state, config = restore_state(saved)
+        print(f"{config.train.stage}: resuming at step {state.step}/{config.train.steps}", flush=True)
+    else:
+        torch.manual_seed(config.train.seed)
+        state = make_state(build_model(config), config)
+        if init is not None:
+            init_from(state, init)
     state.model.to(device)
     state.ema.to(device)
+    for per_param in state.optimizer.state.values():  # restored on the CPU
+        for key, value in per_param.items():
+            if torch.is_tensor(value) and key != "step":
+                per_param[key] = value.to(device)
     tc = config.train
-    loader = iter(loader_from_config(config, data))
+    stream = loader_from_config(config, data, position=state.data_position or None)
+    loader = iter(stream)
     objective = TrainingObjective(state.model, config.loss, tc.stage).to(device)
     t0 = time.perf_counter()
+    elapsed = float(saved["metrics"].get("seconds", 0.0)) if resumed else 0.0  # training time of earlier runs
+
+    def save_state() -> None:
+        state.data_position = stream.position()
+        save(training_checkpoint(state, config, {"seconds": elapsed + time.perf_counter() - t0}), state_path)
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         print(f"{tc.stage}: {format_metrics(step, tc.steps, metrics)} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -65,16 +101,30 @@ def run_stage(config: Config, data: str, device: torch.device, budget_s: float, 
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    warm = run_until(WARMUP_STEPS)  # loader workers starting, cuDNN autotuning: not timed
-    seconds_per_step = (run_until(WARMUP_STEPS + TIMING_STEPS) - warm) / TIMING_STEPS
-    tc.steps = max(state.step + 1, int((budget_s - (warm - t0)) / seconds_per_step))
-    tc.lr_decay_steps = [int(f * tc.steps) for f in LR_HALVINGS]
-    print(f"{tc.stage}: {seconds_per_step * 1000:.1f} ms/step after {WARMUP_STEPS} warm-up steps -> {tc.steps} "
-          "steps", flush=True)
-    train_loop(state, config, loader, objective=objective, device=device, on_log=on_log)
-    summary = {"steps": state.step, "seconds": round(time.perf_counter() - t0, 1), "batch_size": config.data.batch_size,
+    if not resumed:  # the step count is set once, from the first run's timing, and kept in the state
+        warm = run_until(WARMUP_STEPS)  # loader workers starting, cuDNN autotuning: not timed
+        seconds_per_step = (run_until(WARMUP_STEPS + TIMING_STEPS) - warm) / TIMING_STEPS
+        tc.steps = max(state.step + 1, int((budget_s - (warm - t0)) / seconds_per_step))
+        tc.lr_decay_steps = [int(f * tc.steps) for f in LR_HALVINGS]
+        print(f"{tc.stage}: {seconds_per_step * 1000:.1f} ms/step after {WARMUP_STEPS} warm-up steps -> "
+              f"{tc.steps} steps", flush=True)
+    last_save = time.perf_counter()
+    while state.step < tc.steps:
+        # chunks of log_every steps: a checkpoint every checkpoint_s, and a stop at the deadline
+        train_loop(state, config, loader, objective=objective, device=device, on_log=on_log,
+                   until_step=min(tc.steps, state.step + tc.log_every))
+        if time.perf_counter() >= deadline and state.step < tc.steps:
+            save_state()
+            print(f"{tc.stage}: stopped at step {state.step}/{tc.steps} (--max-hours); state in {state_path}, "
+                  "continue with --resume", flush=True)
+            return None
+        if time.perf_counter() - last_save >= checkpoint_s and state.step < tc.steps:
+            save_state()
+            last_save = time.perf_counter()
+    seconds = round(elapsed + time.perf_counter() - t0, 1)
+    summary = {"steps": state.step, "seconds": seconds, "batch_size": config.data.batch_size,
                "crop": config.data.crop, "lr": tc.lr, "lr_decay_steps": tc.lr_decay_steps}
-    return serving_checkpoint(training_checkpoint(state, config, {"seconds": summary["seconds"]})), summary
+    return serving_checkpoint(training_checkpoint(state, config, {"seconds": seconds})), summary
 
 
 @torch.no_grad()
@@ -90,7 +140,8 @@ def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device) -
         lr = to_uint8(degrade(hr, s)).float().div(255)  # 8-bit LR, as LR files are
         hr_energy.append(gradient_energy(hr_rgb, s))
         outputs = {"bicubic": (upsample(lr, s), 0, 0.0), "rrdb": (model.regress(lr), 1, 0.0)}
-        for setting in SAMPLER_SETTINGS:
+        # seed 001's one-step sampler when the inversion stage ran
+        for setting in SAMPLER_SETTINGS + ((dict(method="invsr", steps=1),) if model.inverter is not None else ()):
             t0 = time.perf_counter()
             sr, nfe = super_resolve(model, lr, **setting, seeds=[i])
             outputs["_".join(str(v) for v in setting.values())] = (sr, nfe, time.perf_counter() - t0)
@@ -115,8 +166,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-images", default=None, help="held-back HR images: shards or folder (default DIR/val)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--minutes", type=float, default=6.0, help="training time, both stages together")
-    ap.add_argument("--encoder-share", type=float, default=0.25, help="part of --minutes for the encoder stage")
+    ap.add_argument("--minutes", type=float, default=9.0, help="training time, all stages together")
+    ap.add_argument("--stages", default="encoder,diffusion,quality,inversion", help="comma-separated, in order")
+    ap.add_argument("--max-hours", type=float, default=None, help="stop after this long (save; then --resume)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the running stage this often")
+    ap.add_argument("--resume", action="store_true", help="skip finished stages, continue the started one")
     ap.add_argument("--loader-workers", type=int, default=None, help="overrides data.num_workers")
     ap.add_argument("--batch-size", type=int, default=None, help="overrides data.batch_size")
     args = ap.parse_args(argv)
@@ -125,28 +179,50 @@ def main(argv=None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed crop size
 
-    configs = [load_config(ROOT / "configs" / name) for name in ("pfsr_x4_small_encoder.yaml", "pfsr_x4_small.yaml")]
-    for config in configs:
-        config.data.num_workers = args.loader_workers or config.data.num_workers
-        config.data.batch_size = args.batch_size or config.data.batch_size
-    budget = 60 * args.minutes
-    t0 = time.perf_counter()
-    with open(args.out / "train_log.jsonl", "w") as log_file:
-        encoder, encoder_summary = run_stage(configs[0], f"{args.data}/train", device, args.encoder_share * budget,
-                                             log_file)
-        save(encoder, args.out / "encoder.pt")
-        remaining = budget - (time.perf_counter() - t0)
-        shipped, diffusion_summary = run_stage(configs[1], f"{args.data}/train", device, remaining, log_file,
-                                               init=encoder)
+    stages = args.stages.split(",")
+    unknown = [s for s in stages if s not in dict(STAGES)]
+    if unknown or not stages:
+        ap.error(f"--stages: unknown stage {unknown[0] if unknown else ''!r}; choose from {', '.join(dict(STAGES))}")
+    started = [s for s, _ in STAGES if (args.out / f"{s}.pt").is_file() or (args.out / f"{s}_state.pt").is_file()]
+    if started and not args.resume:
+        ap.error(f"{args.out} holds stage {started[0]} of an earlier run: pass --resume, or another --out")
+    plan_path = args.out / "plan.json"  # the budget of the first run, kept for every resumed one
+    plan = json.loads(plan_path.read_text()) if args.resume and plan_path.is_file() else \
+        {"minutes": args.minutes, "stages": stages}
+    plan_path.write_text(json.dumps(plan) + "\n")
+    deadline = time.perf_counter() + 3600 * args.max_hours if args.max_hours else float("inf")
+    summary_path = args.out / "stages.json"
+    summaries = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    init, config = None, None
+    with open(args.out / "train_log.jsonl", "a") as log_file:
+        for stage in plan["stages"]:
+            config = load_config(ROOT / "configs" / dict(STAGES)[stage])
+            config.data.num_workers = args.loader_workers or config.data.num_workers
+            config.data.batch_size = args.batch_size or config.data.batch_size
+            done = args.out / f"{stage}.pt"
+            if done.is_file():
+                init = load(done, kind="serving")
+                print(f"{stage}: done earlier ({done})", flush=True)
+                continue
+            result = run_stage(config, f"{args.data}/train", device, 60 * plan["minutes"] * STAGE_SHARES[stage],
+                               log_file, args.out, init=init, deadline=deadline,
+                               checkpoint_s=60 * args.checkpoint_minutes)
+            if result is None:
+                return {"stopped_in": stage}
+            init, summaries[stage] = result
+            save(init, done)
+            summary_path.write_text(json.dumps(summaries, indent=2) + "\n")
+            (args.out / f"{stage}_state.pt").unlink(missing_ok=True)
+    shipped = init
     save(shipped, args.out / "pfsr_x4_small.pt")
 
-    model = build_model(configs[1]).to(device).eval()
+    model = build_model(config).to(device).eval()
     model.load_state_dict(shipped["model"])
     photos = list(iter_images(args.val_images or f"{args.data}/val"))
     result = {
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__,
-        "stages": {"encoder": encoder_summary, "diffusion": diffusion_summary},
+        "stages": summaries,
         "parameters": sum(p.numel() for p in model.parameters()),
         "metrics": measure(model, photos, device),
     }

@@ -106,3 +106,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("checkpoint") / "tiny_x4.pt"
     save(serving_checkpoint(training_checkpoint(make_state(build_model(config), config), config)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_fault_proxy(s3_endpoint):
+    """A reverse proxy in front of the S3 endpoint that injects faults on a seeded schedule once its
+    `schedule.enabled` is set (tests/s3_faults.py); the multi-node cluster reaches S3 only through it."""
+    from tests.s3_faults import FaultSchedule, S3FaultProxy
+
+    proxy = S3FaultProxy(s3_endpoint, FaultSchedule(seed=16, rate=0.1))
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(s3_fault_proxy, tmp_path_factory):
+    """A head (no CPUs: drivers and controllers) and 3 worker nodes of 1 CPU, each its own Ray node with its own
+    ports (tests/multinode.py), shared by the fault tests; its nodes and drivers reach S3 through s3_fault_proxy."""
+    from tests.multinode import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("multinode"), workers=3,
+                           extra_env={"AWS_ENDPOINT_URL": s3_fault_proxy.url})
+    yield cluster
+    cluster.shutdown()

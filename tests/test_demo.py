@@ -4,11 +4,11 @@ user's own images, local and on S3."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 from html import escape
@@ -19,7 +19,9 @@ import pytest
 from PIL import Image
 
 from pfsr.checkpoint import load
-from pfsr.pipeline.demo import PHOTOS, VAL_PHOTOS, split_own_images
+from pfsr.config import load_config
+from pfsr.pipeline.demo import (FINE_TUNE_SETTING, PHOTOS, QUICK, VAL_PHOTOS, StageFailed, check_fine_tuning,
+                                split_own_images, stage_configs)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +52,15 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # progress: a banner per stage with the command, elapsed times, and the cluster gone at the end
     for stage in ("data", "ray start", "prep train", "prep val", "train encoder", "train diffusion", "export",
-                  "serve"):
+                  "serve", "check fine-tuning"):
         assert re.search(rf"━━ \[\d+/\d+\] {stage} ━━", log), stage
         assert f"✓ {stage} done in" in log
     address, temp_dir = re.search(r"local Ray cluster at (\S+), .*\(temp dir (\S+)\)", log).groups()
     assert f"--ray-address {address}" in log and f"Ray cluster at {address} shut down" in log
     assert not Path(temp_dir).exists() and not _ray_left_behind(temp_dir)
     assert "ray stop" not in proc.stdout  # ray start's hints are only logged: that would stop every Ray here
+    assert re.search(r"web page: http://127\.0\.0\.1:\d+/ ", log)
+    assert "--init " + str(ROOT / "models" / "pfsr_x4_small.pt") in log  # fine-tuning the shipped model
 
     # data: the photos, two held back
     assert sorted(p.stem for p in (out / "data" / "val").glob("*.png")) == sorted(VAL_PHOTOS)
@@ -68,14 +72,29 @@ def test_quick_demo_end_to_end(tmp_path):
     assert timings["status"] == "ok" and timings["failed_stage"] is None
     names = [s["name"] for s in timings["stages"]]
     assert names[:7] == ["data", "ray start", "prep train", "prep val", "train encoder", "train diffusion", "export"]
-    assert names[-1] == "serve" and "evaluate demo-pf_ode" in names and "evaluate demo-dpmpp_2m-10" in names
-    assert all(s["status"] == "ok" and s["seconds"] > 0 for s in timings["stages"])
+    assert names[-2:] == ["serve", "check fine-tuning"]
+    assert names[7] == "evaluate shipped-dpmpp_2m-10"  # the shipped model first
+    assert "evaluate demo-pf_ode" in names and "evaluate demo-dpmpp_2m-10" in names
+    assert all(s["status"] == "ok" and (s["seconds"] > 0 or s["name"] == "check fine-tuning")  # reads 2 files
+               for s in timings["stages"])
     assert sum(s["seconds"] for s in timings["stages"]) <= timings["total_seconds"]
     assert timings["machine"]["cores"] >= 1
 
-    # the exported model: a serving checkpoint that loads with weights_only
+    # the exported model: a serving checkpoint that loads with weights_only, with the shipped model's architecture
     ckpt = load(out / "models" / "pfsr_demo.pt", kind="serving")
     assert ckpt["step"] == timings["plan"]["diffusion_steps"] and ckpt["config"]["model"]["freeze_encoder"]
+    shipped = load(ROOT / "models" / "pfsr_x4_small.pt", kind="serving")
+    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in shipped["model"].items()}
+    changed = [k for k, v in ckpt["model"].items() if not np.array_equal(v.numpy(), shipped["model"][k].numpy())]
+    assert any(k.startswith("unet.") for k in changed) and any(k.startswith("rrdb.") for k in changed), changed[:5]
+
+    # the fine-tuning check: the same figures as the two evaluations it compares
+    check = json.loads((out / "fine_tuning.json").read_text())
+    before, after = (json.loads((out / "eval" / f"{m}-{FINE_TUNE_SETTING}" / "metrics.json").read_text())
+                     for m in ("shipped", "demo"))
+    assert check["before_psnr_y"] == before["model"]["psnr_y"] and check["after_psnr_y"] == after["model"]["psnr_y"]
+    assert check["ok"] and check["delta_db"] >= -0.3
+    assert timings["models"]["shipped"].startswith("the shipped model") and "fine-tuned" in timings["models"]["demo"]
 
     # training curves from the runs' TensorBoard files: both stages, finite, every logged step
     curves = json.loads((out / "loss_curves.json").read_text())
@@ -88,7 +107,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert curves["diffusion"]["val/psnr_y"]
 
     # evaluations: sane numbers on the held-back crops, grids that are PNGs
-    for name, nfe in (("demo-pf_ode", None), ("demo-dpmpp_2m-10", 10)):
+    for name, nfe in (("shipped-dpmpp_2m-10", 10), ("demo-pf_ode", None), ("demo-dpmpp_2m-10", 10)):
         metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
         assert metrics["n_images"] == plan["eval_limit"] and metrics["scale"] == 4
         assert 20 < metrics["bicubic"]["psnr_y"] < 50  # bicubic x4 on photo crops
@@ -108,26 +127,61 @@ def test_quick_demo_end_to_end(tmp_path):
     # report.html: self-contained (no file or network references), every section, every embedded PNG decodes
     html = (out / "report.html").read_text()
     assert not re.search(r'src="(?!data:)', html) and "http://" not in html.replace(escape(serve["url"]), "")
-    for heading in ("Metrics on held-out images", "Quality against network evaluations", "Comparison grids",
-                    "Upscaled over HTTP", "Training curves", "Time per stage"):
+    for heading in ("The models", "Metrics on held-out images", "Quality against network evaluations",
+                    "Comparison grids", "Upscaled over HTTP", "Training curves", "Time per stage"):
         assert heading in html
+    # each model said in words, the shipped model's grids before the demo model's, the check's verdict
+    shipped_at, demo_at = (html.index(f"<h3>{escape(t[:1].upper() + t[1:])}</h3>")
+                           for t in (timings["models"]["shipped"], timings["models"]["demo"]))
+    assert html.index("Comparison grids") < shipped_at < demo_at
+    assert f"{check['before_psnr_y']:.2f} dB before (the shipped model)" in html
     assert 'class="bad"' not in html  # no section reports missing inputs
     assert "bicubic" in html and "RRDB L1 regression (demo)" in html and "PF-ODE dopri5" in html
+    assert "RRDB L1 regression (shipped)" in html and "shipped model (models/pfsr_x4_small.pt)" in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) >= 6
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     for png in ("quality_vs_nfe.png", "loss_curves.png", "timings.png", "serve_comparison.png"):
         assert _png(out / png).size > 0
-    assert len(list((out / "logs").glob("*.log"))) == len(timings["stages"]) - 1  # all but the in-process data
+    # all but the in-process data and check stages
+    assert len(list((out / "logs").glob("*.log"))) == len(timings["stages"]) - 2
 
-    # the shipped model's rows: an evaluation named shipped-* (here a copy of the demo's) gets its own rows
-    if not (out / "eval" / "shipped-dpmpp_2m-10").exists():
-        shutil.copytree(out / "eval" / "demo-dpmpp_2m-10", out / "eval" / "shipped-dpmpp_2m-10")
+    # the report rebuilds from the files alone
+    (out / "report.html").unlink()
     rebuilt = subprocess.run([sys.executable, "-m", "pfsr.report", str(out)], capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
-    html = (out / "report.html").read_text()
-    assert "shipped model (models/pfsr_x4_small.pt)" in html and "RRDB L1 regression (shipped)" in html
+    assert f"{check['before_psnr_y']:.2f} dB before" in (out / "report.html").read_text()
+
+
+def _metrics(folder: Path, psnr_y: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"n_images": 3, "model": {"psnr_y": psnr_y}}))
+
+
+@pytest.mark.parametrize("after, ok", [(27.71, True), (27.69, False), (28.5, True)])
+def test_fine_tuning_fails_only_when_it_loses_more_than_the_tolerance(tmp_path, after, ok):
+    _metrics(tmp_path / "eval" / f"shipped-{FINE_TUNE_SETTING}", 28.0)
+    _metrics(tmp_path / "eval" / f"demo-{FINE_TUNE_SETTING}", after)
+    if ok:
+        assert check_fine_tuning(tmp_path, 0.3)["delta_db"] == pytest.approx(after - 28.0)
+    else:
+        with pytest.raises(StageFailed, match="lost 0.31 dB PSNR-Y"):
+            check_fine_tuning(tmp_path, 0.3)
+    assert json.loads((tmp_path / "fine_tuning.json").read_text())["ok"] is ok
+
+
+def test_stage_configs_fine_tune_the_shipped_model_or_start_from_scratch(tmp_path):
+    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "a", QUICK))
+    assert encoder.model == load_config(ROOT / "configs" / "pfsr_x4_small_encoder.yaml").model
+    assert diffusion.model == load_config(ROOT / "configs" / "pfsr_x4_small.yaml").model
+    assert (encoder.train.stage, diffusion.train.stage) == ("encoder", "diffusion")
+    assert diffusion.train.lr == encoder.train.lr == 5e-5 and diffusion.data.crop == 64
+    assert (encoder.train.steps, diffusion.train.steps) == (QUICK.encoder_steps, QUICK.diffusion_steps)
+    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "b", QUICK, from_scratch=True))
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert diffusion.model == dataclasses.replace(tiny.model, freeze_encoder=True)
+    assert diffusion.train.lr == tiny.train.lr and encoder.model == tiny.model
 
 
 def test_failing_stage_is_named_and_exits_nonzero(tmp_path):

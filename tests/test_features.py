@@ -175,3 +175,24 @@ def test_image_metrics_report_lpips_with_a_model(vgg_files, photos):
     assert out["lpips"] > 0
     assert image_metrics(hr, hr, 4, lpips_model=model)["lpips"] == 0
     assert image_metrics(sr, hr, 4)["lpips"] is None
+
+
+def test_vgg19_features_are_conv5_4_before_its_relu(vgg_files, photos):
+    """The reference code's `vgg19.features[:35]` (ECDP lib/model/percep.py lines 9-11): conv5_4's output, before its
+    ReLU, written out here as torchvision's layer list (conv + ReLU, max-pools at indices 4, 9, 18, 27)."""
+    import torch.nn.functional as F
+
+    path, state = vgg_files[VGG19_FILE]
+    x = photo_batch(photos, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    h = (x - mean[:, None, None]) / std[:, None, None]
+    for i in range(35):
+        if i in TORCHVISION_VGG19_CONVS:
+            h = F.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1)
+        elif i in (4, 9, 18, 27):
+            h = F.max_pool2d(h, 2)
+        else:
+            h = F.relu(h)
+    features = VGG19Distance(path).embed(x)
+    torch.testing.assert_close(features, h, rtol=1e-5, atol=1e-5)
+    assert (features < 0).any()  # no ReLU after the last conv

@@ -44,7 +44,7 @@ def test_tiles_blend_without_seams(lr_photo):
     assert blended_error < 0.01 < seam_error
 
 
-@pytest.mark.parametrize("method, steps", [("pf_ode", 2), ("pf_ode", None), ("sde", 5)])
+@pytest.mark.parametrize("method, steps", [("pf_ode", 2), ("pf_ode", None), ("sde", 5), ("mrs_sde", 3)])
 def test_each_item_independent_of_its_batch(model, method, steps):
     lr = torch.rand(3, 3, 4, 4)
     batch, _ = super_resolve(model, lr, method=method, steps=steps, rtol=1e-2, atol=1e-2, seeds=[5, 6, 7])
@@ -72,7 +72,9 @@ def test_alpha_is_kept(model):
 
 def test_upscale_cli_uses_the_shipped_model(photos, tmp_path):
     """`pfsr upscale IN OUT` without --checkpoint: models/pfsr_x4_small.pt, x4, close to bicubic PSNR(Y) on a
-    held-back photo (the shipped model never saw chelsea), folders in and out."""
+    held-back photo (the shipped model never saw chelsea), folders in and out. On this 128 px crop it measured
+    0.765 dB below bicubic (28.54 against 29.31 dB; the README's 0.4 dB is the mean over the whole held-back
+    photos, too slow here): the bound is that minus 0.1 dB."""
     from PIL import Image
 
     import pfsr
@@ -88,7 +90,7 @@ def test_upscale_cli_uses_the_shipped_model(photos, tmp_path):
     sr = np.asarray(Image.open(tmp_path / "out" / "cat.png"))
     assert sr.shape == hr.shape
     bicubic = to_uint8(upsample(lr[None].float() / 255, 4))[0].permute(1, 2, 0).numpy()
-    assert psnr(sr, hr, 4, test_y_channel=True) > psnr(bicubic, hr, 4, test_y_channel=True) - 1.5
+    assert psnr(sr, hr, 4, test_y_channel=True) - psnr(bicubic, hr, 4, test_y_channel=True) > -0.865
     same = pfsr.upscale(Image.open(tmp_path / "in" / "cat.png"), device="cpu")
     assert np.array_equal(np.asarray(same), sr)  # the Python function: same model, sampler and seed
 

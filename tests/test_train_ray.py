@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 from pfsr import storage
-from pfsr.checkpoint import find_checkpoint, read_checkpoint
+from pfsr.checkpoint import find_checkpoint, read_checkpoint, state_digest
 from pfsr.cli import main
 from pfsr.config import load_config
+from pfsr.pipeline.train import RESTORED_DIGEST
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -213,10 +214,16 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
     for side in sidecars:  # checkpoints after the kill come from the worker group restored at that checkpoint
         assert side["metrics"]["run/start_step"] == (0 if side["step"] <= restored_from else restored_from)
 
+    # The restarted workers restored the checkpoint bit for bit: model, EMA and optimizer (their digest, reported
+    # with every later checkpoint, equals the saved checkpoint's).
+    restored = read_checkpoint(storage.join(run_uri, f"checkpoint_{restored_from:06d}", "checkpoint.pt"),
+                               kind="training")
+    digests = [side["metrics"].get(RESTORED_DIGEST) for side in sidecars]
+    assert digests == [None if side["step"] <= restored_from else state_digest(restored) for side in sidecars]
+
     first, second = _event_files(run_uri, tmp_path)  # a second worker-group start: the restore
     assert min(second["run/start_step"]) == restored_from
-    position = read_checkpoint(storage.join(run_uri, f"checkpoint_{restored_from:06d}", "checkpoint.pt"),
-                               kind="training")["data_position"]["ranks"][0]
+    position = restored["data_position"]["ranks"][0]
     seen = second["data/samples_seen"]
     assert seen[restored_from] == position["samples_seen"] == restored_from * 4  # data position restored
     # Every step after the checkpoint was trained again, once: the log continues from there to the end.
@@ -296,3 +303,27 @@ def test_ray_job_submit_to_local_head(ray_head, shards, trained_run):
     run_uri = f"s3://{BUCKET}/jobruns/from-job"
     assert read_checkpoint(find_checkpoint(run_uri, "latest"), kind="training")["step"] == 2
     assert storage.list_files(storage.join(run_uri, "tensorboard"))
+
+
+def test_inversion_stage_trains_the_inverter_of_a_trained_run(trained_run, shards, photos, tmp_path):
+    """Seed 001's stage through `pfsr train` (Ray Train, S3 storage, --init, export): the frozen PF-SR weights stay
+    the init's, the noise predictor moves from its zero start, and the export serves `--sampler invsr`."""
+    config = tmp_path / "inversion.yaml"
+    config.write_text(f"base: {REPO / 'configs' / 'tiny_inversion.yaml'}\ndata:\n  batch_size: 4\n  val_images: 1\n"
+                      "train:\n  steps: 10\n  log_every: 5\n  checkpoint_every: 5\n  val_every: 10\n")
+    init = read_checkpoint(find_checkpoint(trained_run, "best"), kind="training")
+    assert main(["train", "--config", str(config), "--data", shards["train"], "--val-data", shards["val"],
+                 "--storage", f"s3://{BUCKET}/runs", "--name", "tiny-inversion", "--init", trained_run]) == 0
+    run = f"s3://{BUCKET}/runs/tiny-inversion"
+    latest = read_checkpoint(find_checkpoint(run, "latest"), kind="training")
+    assert latest["step"] == 10 and latest["config"]["train"]["stage"] == "inversion"
+    assert math.isfinite(latest["metrics"]["train/loss_l2"]) and math.isfinite(latest["metrics"]["val/psnr_y"])
+    frozen = [k for k in latest["model"] if not k.startswith("inverter.")]
+    assert frozen and all(torch.equal(latest["model"][k], init["ema"][k]) for k in frozen)
+    assert latest["model"]["inverter.conv_out.2.weight"].abs().max() > 0  # zero at the start
+
+    out, png, sr = tmp_path / "inversion.pt", tmp_path / "lr.png", tmp_path / "sr.png"
+    assert main(["export", "--run", run, "--out", str(out)]) == 0
+    Image.fromarray(photos["coffee"][100:124, 100:132]).save(png)
+    assert main(["upscale", str(png), str(sr), "--checkpoint", str(out), "--sampler", "invsr", "--steps", "2"]) == 0
+    assert Image.open(sr).size == (128, 96)

@@ -2,6 +2,7 @@
 config), both plain dicts of tensors and primitives that load with torch.load(weights_only=True)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -36,6 +37,31 @@ def training_checkpoint(state: TrainState, config: Config, metrics: Optional[dic
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
         "data_position": dict(state.data_position), "best_val": state.best_val, "metrics": dict(metrics or {}),
     }
+
+
+def state_digest(ckpt: dict) -> str:
+    """SHA-256 (hex) of a training checkpoint's model, EMA and optimizer state: every tensor's dtype, shape and
+    bytes (on the CPU) and every other value, keys in sorted order. Equal digests mean a bit-exact restore."""
+    h = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                h.update(repr(key).encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"[{len(value)}".encode())
+            for item in value:
+                walk(item)
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+
+    walk({key: ckpt[key] for key in ("model", "ema", "optimizer")})
+    return h.hexdigest()
 
 
 def serving_checkpoint(ckpt: dict) -> dict:
@@ -140,10 +166,10 @@ def checkpoint_dir_name(step: int) -> str:
 
 def save_checkpoint_dir(folder: str | Path, ckpt: dict) -> Path:
     """Write a training checkpoint into `folder` as a run keeps it: checkpoint.pt and the metrics.json sidecar
-    (step, finite metrics, wall-clock time of saving)."""
+    (step, finite metrics and text ones such as a digest, wall-clock time of saving)."""
     folder = Path(folder)
     save(ckpt, folder / CHECKPOINT_FILE)
-    metrics = {k: v for k, v in ckpt.get("metrics", {}).items() if math.isfinite(v)}
+    metrics = {k: v for k, v in ckpt.get("metrics", {}).items() if isinstance(v, str) or math.isfinite(v)}
     (folder / SIDECAR_FILE).write_text(json.dumps({"step": ckpt["step"], "metrics": metrics,
                                                    "saved_at": time.time()}, indent=1))
     return folder

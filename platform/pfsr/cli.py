@@ -10,7 +10,9 @@ from .config import ConfigError
 from .errors import InputError
 
 SAMPLER_HELP = ("pf_ode (adaptive dopri5), sde (Euler-Maruyama), dpmpp_2m (log-SNR steps), dpmpp_2m_quadratic "
-                "(time-quadratic steps), unipc (few-step data-prediction solvers)")
+                "(time-quadratic steps), unipc (few-step data-prediction solvers), mrs_sde (MR Sampler SDE, seed "
+                "003), invsr (1-5 steps from the inverter's start, seed 001; needs an inversion-stage checkpoint)")
+ORDER_HELP = "mrs_sde's order, 1 or 2 (default 2); for mrs_sde only"
 
 
 def _upscale(p: argparse.ArgumentParser) -> None:
@@ -19,6 +21,7 @@ def _upscale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="exported checkpoint (default: the shipped models/pfsr_x4_small.pt)")
     p.add_argument("--sampler", default=None, help=SAMPLER_HELP + " (default: the checkpoint's config)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (fixed-step samplers)")
+    p.add_argument("--order", type=int, default=None, help=ORDER_HELP)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -44,6 +47,10 @@ def _prep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None,
                    help="at most this many parallel tasks (default: all CPUs); the output is the same for any value")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--masks", default="none", choices=["none", "felzenszwalb", "slic"],
+                   help="seed 002: segment each whole image (scikit-image) and store its label mask per sample")
+    p.add_argument("--masks-from", default=None, metavar="DIR",
+                   help="seed 002: your own (e.g. SAM) masks, DIR/<image path without extension>.png|.npy|.json")
 
 
 def _train(p: argparse.ArgumentParser) -> None:
@@ -75,6 +82,7 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=None, help="must match the checkpoint's scale (default: it)")
     p.add_argument("--sampler", default="pf_ode", help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--order", type=int, default=None, help=ORDER_HELP)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
@@ -119,10 +127,28 @@ def _sweep_c(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None)
 
 
+def _compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD.yaml",
+                   help="method files: stages (config and steps each), the same total steps for all")
+    p.add_argument("--data", required=True, help="train shards URI, the same for every method")
+    p.add_argument("--val-data", required=True, help="validation images (shards or a folder)")
+    p.add_argument("--seeds", type=int, default=3, help="trials per method, train.seed = 0 .. seeds - 1")
+    p.add_argument("--samplers", nargs="+", default=["dpmpp_2m:1", "dpmpp_2m:2", "dpmpp_2m:4", "dpmpp_2m:10"],
+                   metavar="SAMPLER[:STEPS]", help="sampler settings every method is scored at")
+    p.add_argument("--out", required=True, help="output directory (compare.json, .csv, .png, .html)")
+    p.add_argument("--storage", default=None, help="Ray Tune storage (default: OUT/tune, or a temp dir for s3://)")
+    p.add_argument("--max-concurrent-trials", type=int, default=1, help="0: as many as the resources allow")
+    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--ray-address", default=None)
+
+
 def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="your own images (local or s3://); default: scikit-image's photos")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a shortened run (tests)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train configs/tiny*.yaml from random weights instead of fine-tuning the shipped model")
 
 
 # name -> (help, argument builder, "module:function" that runs it)
@@ -134,6 +160,7 @@ COMMANDS = {
     "evaluate": ("evaluate with Ray Data batch inference", _evaluate, "pfsr.pipeline.evaluate:run_cli"),
     "serve": ("run the Ray Serve endpoint", _serve, "pfsr.pipeline.serve:run_cli"),
     "sweep-c": ("choose the hybrid constant c with Ray Tune", _sweep_c, "pfsr.pipeline.sweep:run_cli"),
+    "compare": ("compare methods on the same budget with Ray Tune", _compare, "pfsr.pipeline.compare:run_cli"),
     "demo": ("the whole pipeline on the bundled photos", _demo, "pfsr.pipeline.demo:run_cli"),
 }
 

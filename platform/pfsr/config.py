@@ -42,6 +42,11 @@ class ModelConfig:
     # What is diffused: "residual" r = k (HR - bicubic_up(LR)) as the reference code (k = 5), or "hr" (2 HR - 1).
     diffuse: Literal["residual", "hr"] = "residual"
     residual_scale: float = 5.0
+    # Seed 004: quantized adaptive condition added to the time embedding, and the prior of its code at sampling
+    # ("histogram" of training codes or "lr", a predictor from the RRDB features); "none": off.
+    adaptive_condition: Literal["none", "histogram", "lr"] = "none"
+    adaptive_condition_dims: int = 20  # code dimensions d (the seed: 20)
+    adaptive_condition_levels: int = 2  # levels L per dimension (the seed: 2); the histogram holds L^d bins
 
 
 @dataclass
@@ -50,6 +55,13 @@ class DiffusionConfig:
     beta_max: float = 20.0
     t_min: float = 1e-3
     hybrid_c: float = 1.0  # lambda(t) = abar(t)^c; the seed picks c in [0.5, 1.5] per data set
+    # The mean of the mean-reverting view (seed 003): the residual is taken against bicubic_up(LR), or against the
+    # frozen encoder's regression output ("rrdb": needs model.diffuse residual and a frozen, pretrained encoder).
+    mean: Literal["bicubic", "rrdb"] = "bicubic"
+    # Seed 002: "structure" trains on eps' = eps + c(t) E(M), E(M) the mask's positional encoding per region
+    # (needs shards from `pfsr prep --masks`); sampling is unchanged.
+    noise_modulation: Literal["none", "structure"] = "none"
+    noise_modulation_scale: float = 0.01  # c(t) = scale sigma(t) beta(t); 0.01: the official 100-step coefficient
 
 
 @dataclass
@@ -57,13 +69,19 @@ class LossConfig:
     dsm_target: Literal["heads", "mixed"] = "heads"  # DSM on both heads (reference code) or on the mixed eps_hat
     eps_weight: float = 1.0
     x0_weight: float = 1.0
-    quality_weight: float = 0.0  # w in DSM + w * quality; the reference fine-tuning stage uses 0.5
+    dsm_weight: float = 1.0  # loss = dsm_weight * DSM + quality_weight * quality
+    # The reference code's fine-tuning stage trains the quality loss alone (dsm_weight 0) with weight 0.5 (DIV2K,
+    # ImageNet) or 1 (CelebA): ECDP lib/trainer.py lines 236-248, conf/ecdp-*-finetune.yaml line 25.
+    quality_weight: float = 0.0
     quality_every: int = 1  # add the quality term every k-th step
-    quality_solver: Literal["rk4", "dopri5"] = "rk4"
+    quality_solver: Literal["rk4", "dopri5"] = "rk4"  # the reference code: dopri5 at rtol = atol = 1e-3
     quality_steps: int = 10  # K steps of the fixed-step solver
     quality_rtol: float = 1e-3  # dopri5 only
     quality_atol: float = 1e-3
-    # "vgg19": VGG19 relu5_4 features, L1 (needs torchvision's vgg19-dcbb9e9d.pth: quality_vgg19_weights, or None
+    # The quality loss's gradient also reaches the encoder (the LR features are adjoint parameters); the reference
+    # code keeps the encoder out of them (ECDP lib/model/diffusion.py line 120: the U-Net's parameters only).
+    quality_train_encoder: bool = True
+    # "vgg19": VGG19 conv5_4 features, L1 (needs torchvision's vgg19-dcbb9e9d.pth: quality_vgg19_weights, or None
     # to take it from torch hub's checkpoints folder, $TORCH_HOME/hub/checkpoints);
     # "laplacian": weight-free L1 over a Laplacian pyramid, works offline.
     quality_features: Literal["vgg19", "laplacian"] = "laplacian"
@@ -98,7 +116,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["encoder", "diffusion", "quality"] = "diffusion"
+    stage: Literal["encoder", "diffusion", "quality", "inversion"] = "diffusion"
     steps: int = 1000
     lr: float = 1e-4
     warmup_steps: int = 500
@@ -115,7 +133,16 @@ class TrainConfig:
     max_failures: int = 3
     val_sampler: str = "dpmpp_2m"
     val_steps: int = 10
-    torch_threads: int = 0  # per worker; 0 = cores / workers
+    torch_threads: int = 0  # per worker; 0 = the CPUs Ray reserves per worker (--cpus-per-worker)
+
+
+@dataclass
+class InversionConfig:
+    # Start times t* of the inversion stage (seed 001): InvSR's SD-Turbo steps {250, 200, 150, 100} matched by
+    # signal-to-noise ratio; training draws one per sample, sampler invsr starts from the first.
+    t_stars: list[float] = field(default_factory=lambda: [0.1942, 0.1636, 0.1329, 0.1011])
+    num_feat: int = 32  # width of the noise predictor
+    num_block: int = 2  # its residual blocks (LR resolution)
 
 
 @dataclass
@@ -150,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,14 +195,30 @@ class Config:
         _check(0 < d.t_min < 1, "diffusion.t_min", f"must lie in (0, 1), got {d.t_min}")
         _check(0 < d.beta_min < d.beta_max, "diffusion.beta_max", "need 0 < beta_min < beta_max")
         _check(d.hybrid_c > 0, "diffusion.hybrid_c", f"must be positive, got {d.hybrid_c}")
+        _check(m.adaptive_condition_dims >= 1, "model.adaptive_condition_dims", "must be >= 1")
+        _check(m.adaptive_condition_levels >= 2, "model.adaptive_condition_levels", "must be >= 2")
+        _check(m.adaptive_condition_levels ** m.adaptive_condition_dims <= 2**24, "model.adaptive_condition_dims",
+               "levels^dims (the histogram's bins) must be at most 2^24")
         _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
         _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
+        _check(self.loss.dsm_weight >= 0, "loss.dsm_weight", f"must be >= 0, got {self.loss.dsm_weight}")
+        _check(self.loss.dsm_weight > 0 or self.train.stage == "encoder" or
+               (self.loss.quality_weight > 0 and self.loss.quality_every == 1), "loss.dsm_weight",
+               "is 0, so every step needs the quality loss: set loss.quality_weight > 0 and loss.quality_every: 1")
         depth = 2 ** (len(m.unet_channel_mult) - 1)
         unit = math.lcm(m.scale, depth)
         _check(self.data.crop % unit == 0, "data.crop",
                f"must be a multiple of {unit} (the scale {m.scale} and the U-Net's {depth}), got {self.data.crop}")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.train.steps >= 1, "train.steps", "must be >= 1")
+        if d.mean == "rrdb":
+            _check(m.diffuse == "residual", "diffusion.mean",
+                   "rrdb takes the residual against the encoder's output: it needs model.diffuse: residual, not hr")
+            _check(self.train.stage != "encoder" and m.freeze_encoder, "diffusion.mean",
+                   "rrdb needs a frozen, pretrained encoder: train the encoder stage with diffusion.mean: bicubic "
+                   "(configs/*_encoder.yaml), then this stage with model.freeze_encoder: true and --init")
+        _check(len(self.inversion.t_stars) > 0 and all(0 < t < 1 for t in self.inversion.t_stars),
+               "inversion.t_stars", f"must be one or more times in (0, 1), got {self.inversion.t_stars}")
         _check(self.train.lr > 0, "train.lr", "must be positive")
         _check(0 <= self.train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)")
         return self

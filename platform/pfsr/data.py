@@ -28,7 +28,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import images, storage
+from . import images, masks, storage
 from .errors import InputError
 
 SAMPLE_EXTENSIONS = ("png", "webp")
@@ -131,28 +131,52 @@ def load_val_images(uri: str, limit: int | None = None, split: str = "val") -> l
 
 def random_crop_augment(img: np.ndarray, crop: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
     """[H x W x 3] -> random [crop x crop x 3], then BasicSR's augment: hflip, vflip, transpose, each p = 0.5."""
+    return random_crop_augment_with_mask(img, None, crop, rng, augment)[0]
+
+
+def random_crop_augment_with_mask(img: np.ndarray, mask: np.ndarray | None, crop: int, rng: np.random.Generator,
+                                  augment: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """`random_crop_augment` of img [H x W x 3] and the same crop, flips and transpose of its mask [H x W]."""
     h, w = img.shape[:2]
     top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-    out = img[top:top + crop, left:left + crop]
+    out = [a[top:top + crop, left:left + crop] if a is not None else None for a in (img, mask)]
     if augment:
         hflip, vflip, rot90 = rng.random(3) < 0.5
-        if hflip:
-            out = out[:, ::-1]
-        if vflip:
-            out = out[::-1]
-        if rot90:
-            out = out.transpose(1, 0, 2)
-    return out
+        for i, a in enumerate(out):
+            if a is None:
+                continue
+            if hflip:
+                a = a[:, ::-1]
+            if vflip:
+                a = a[::-1]
+            if rot90:
+                a = a.swapaxes(0, 1)
+            out[i] = a
+    return out[0], out[1]
+
+
+def sample_mask(sample: dict, shape: tuple[int, int]) -> np.ndarray:
+    """The label mask [H x W] int32 of a raw shard sample (seed 002, `pfsr prep --masks`)."""
+    if masks.MASK_MEMBER not in sample:
+        raise InputError(f"sample {sample['__key__']} of {sample.get('__url__')} has no {masks.MASK_MEMBER} member: "
+                         "make the shards with `pfsr prep --masks felzenszwalb|slic` or `--masks-from DIR`")
+    labels = masks.decode_label_png(sample[masks.MASK_MEMBER])
+    if labels.shape != shape:
+        raise InputError(f"sample {sample['__key__']}: mask {labels.shape[1]}x{labels.shape[0]} does not match its "
+                         f"image {shape[1]}x{shape[0]}")
+    return labels
 
 
 class ShardStream(IterableDataset):
     """Infinite stream of (HR uint8 [B x 3 x crop x crop], worker, epoch, samples read in that epoch) for one
-    rank; the DataLoader worker runs the slots named in the module docstring."""
+    rank; the DataLoader worker runs the slots named in the module docstring. with_masks: the first item is
+    (HR, masks int32 [B x crop x crop])."""
 
     def __init__(self, shards: list[str], *, crop: int, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, shuffle_buffer: int, augment: bool,
-                 starts: list[tuple[int, int]], rotation: int = 0):
+                 starts: list[tuple[int, int]], rotation: int = 0, with_masks: bool = False):
         super().__init__()
+        self.with_masks = with_masks
         self.shards, self.crop, self.batch_size = shards, crop, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.seed, self.shuffle_buffer, self.augment = seed, shuffle_buffer, augment
@@ -177,6 +201,7 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.num_workers + worker
         epoch, skip = self.starts[worker]
         batch: list[np.ndarray] = []
+        mask_batch: list[np.ndarray] = []
         empty_epochs, warned = 0, False
         while True:
             rng = random.Random(f"{self.seed}/{epoch}/{slot}")
@@ -195,11 +220,16 @@ class ShardStream(IterableDataset):
                     continue
                 used += 1
                 sample_rng = np.random.default_rng((self.seed, epoch, slot, index))
-                batch.append(random_crop_augment(img, self.crop, sample_rng, self.augment))
+                mask = sample_mask(sample, img.shape[:2]) if self.with_masks else None
+                hr_crop, mask_crop = random_crop_augment_with_mask(img, mask, self.crop, sample_rng, self.augment)
+                batch.append(hr_crop)
+                mask_batch.append(mask_crop)
                 if len(batch) == self.batch_size:
                     hr = torch.from_numpy(np.stack(batch).transpose(0, 3, 1, 2).copy())
+                    if self.with_masks:
+                        hr = (hr, torch.from_numpy(np.stack(mask_batch)))
                     yield hr, worker, epoch, index
-                    batch = []
+                    batch, mask_batch = [], []
             empty_epochs = 0 if used or skip else empty_epochs + 1
             if empty_epochs >= EMPTY_EPOCHS_LIMIT:
                 raise InputError(
@@ -217,8 +247,9 @@ class TrainLoader:
     """
 
     def __init__(self, shards: list[str], *, crop: int, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, seed: int, shuffle_buffer: int, augment: bool, position: dict | None = None):
-        self.shards = shards
+                 num_workers: int, seed: int, shuffle_buffer: int, augment: bool, position: dict | None = None,
+                 with_masks: bool = False):
+        self.shards, self.with_masks = shards, with_masks
         self.kwargs = dict(crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
                            num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer, augment=augment)
         self.num_workers = num_workers
@@ -262,13 +293,17 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Tensor]:
         n = len(self._workers)
         dataset = ShardStream(self.shards, **self.kwargs, starts=[tuple(w) for w in self._workers],
-                              rotation=self._batches % n)
+                              rotation=self._batches % n, with_masks=self.with_masks)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None)
         for hr, worker, epoch, index in loader:
             self._workers[worker] = [int(epoch), int(index)]
             self._batches += 1
-            yield hr.float().div_(255)
+            if self.with_masks:
+                hr, mask = hr
+                yield hr.float().div_(255), mask
+            else:
+                yield hr.float().div_(255)
 
 
 def combine_positions(positions: list[dict]) -> dict:
@@ -280,8 +315,10 @@ def combine_positions(positions: list[dict]) -> dict:
 
 def make_train_loader(uri: str, *, crop: int, scale: int, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 256, augment: bool = True,
-                      split: str = "train", position: dict | None = None) -> TrainLoader:
-    """Training batches of this rank from the shards at `uri` (see the module docstring and `TrainLoader`)."""
+                      split: str = "train", position: dict | None = None, with_masks: bool = False) -> TrainLoader:
+    """Training batches of this rank from the shards at `uri` (see the module docstring and `TrainLoader`).
+    with_masks: each batch is (hr, mask), mask [B x crop x crop] int32 labels cropped, flipped and rotated with
+    its HR crop (seed 002; the shards need `pfsr prep --masks`)."""
     if crop % scale:
         raise InputError(f"crop {crop} must be a multiple of the scale {scale}")
     if not 0 <= rank < world_size:
@@ -291,7 +328,7 @@ def make_train_loader(uri: str, *, crop: int, scale: int, batch_size: int, rank:
         raise InputError(f"{uri}: no {split}-NNNNNN.tar shards (make them with `pfsr prep --split {split}`)")
     return TrainLoader(shards, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer, augment=augment,
-                       position=position)
+                       position=position, with_masks=with_masks)
 
 
 def loader_from_config(config, uri: str | None = None, *, rank: int = 0, world_size: int = 1,
@@ -303,4 +340,5 @@ def loader_from_config(config, uri: str | None = None, *, rank: int = 0, world_s
         raise InputError("data.train: no training shards given (set it in the config or pass --data)")
     return make_train_loader(uri, crop=d.crop, scale=config.model.scale, batch_size=d.batch_size, rank=rank,
                              world_size=world_size, num_workers=d.num_workers, seed=config.train.seed,
-                             shuffle_buffer=d.shuffle_buffer, augment=d.augment, position=position)
+                             shuffle_buffer=d.shuffle_buffer, augment=d.augment, position=position,
+                             with_masks=config.diffusion.noise_modulation == "structure")

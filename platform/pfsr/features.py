@@ -1,4 +1,4 @@
-"""Pretrained feature distances: VGG19 relu5_4 L1 (the quality loss of the reference code) and LPIPS (VGG).
+"""Pretrained feature distances: VGG19 conv5_4 L1 (the quality loss of the reference code) and LPIPS (VGG).
 
 The VGG trunks are written here (no torchvision import) with torchvision's module indices, so that their state
 dicts read torchvision's files directly: `features.0.weight`, `features.0.bias`, ... (the `classifier.*` keys of
@@ -29,7 +29,9 @@ VGG_URL = "https://download.pytorch.org/models/{}"
 # torchvision's vgg cfgs "D" (VGG16) and "E" (VGG19): conv widths, "M" = 2x2 max-pool.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
-VGG19_RELU5_4 = 35  # index of relu5_4 in VGG19's `features`
+# conv5_4 in VGG19's `features`, before its ReLU: the reference code takes `vgg.features[:35]`
+# (ECDP lib/model/percep.py lines 9-11, feature_layer = 34).
+VGG19_CONV5_4 = 34
 LPIPS_VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in VGG16's `features`
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
@@ -102,8 +104,8 @@ def load_vgg_features(features: nn.Sequential, path: Path) -> None:
 
 
 class VGG19Distance(nn.Module):
-    """L1 distance between VGG19 relu5_4 features (ImageNet normalization) of x and y, [N x 3 x H x W] in [0, 1]
-    -> scalar: the reference code's image-quality feature loss.
+    """L1 distance between VGG19 conv5_4 features (before its ReLU; ImageNet normalization) of x and y,
+    [N x 3 x H x W] in [0, 1] -> scalar: the reference code's image-quality feature loss.
 
     `weights_path`: torchvision's vgg19-dcbb9e9d.pth; None looks in torch hub's checkpoints folder.
     """
@@ -116,13 +118,13 @@ class VGG19Distance(nn.Module):
                                               "set loss.quality_vgg19_weights, or use `loss.quality_features: "
                                               "laplacian`, which needs no weights and works offline"))
         self.source = reason
-        self.features = vgg_features(VGG19_CFG, VGG19_RELU5_4 + 1)
+        self.features = vgg_features(VGG19_CFG, VGG19_CONV5_4 + 1)
         load_vgg_features(self.features, path)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN)[None, :, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD)[None, :, None, None], persistent=False)
 
     def embed(self, x: Tensor) -> Tensor:
-        """[N x 3 x H x W] in [0, 1] -> relu5_4 features [N x 512 x H/16 x W/16]."""
+        """[N x 3 x H x W] in [0, 1] -> conv5_4 features (pre-ReLU, any sign) [N x 512 x H/16 x W/16]."""
         return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from .config import ServeConfig
 from .degradation import upsample
 from .errors import InputError
 from .models.sr import PFSRModel
-from .sampling import SAMPLERS, sample
+from .sampling import INVSR_MAX_STEPS, MRS_ORDERS, SAMPLERS, STOCHASTIC, sample
 
 log = logging.getLogger("pfsr.inference")
 
@@ -30,9 +30,27 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def is_deterministic_batchable(method: str, steps: Optional[int]) -> bool:
-    """Fixed-step deterministic solvers run a batch at once; adaptive (dopri5) and stochastic (sde) solvers run
-    item by item, so that one item's step control or noise never depends on the others in its batch."""
-    return method != "sde" and not (method == "pf_ode" and steps is None)
+    """Fixed-step deterministic solvers run a batch at once; adaptive (dopri5) and stochastic (sde, mrs_sde)
+    solvers run item by item, so that one item's step control or noise never depends on the others in its batch."""
+    return method not in STOCHASTIC and not (method == "pf_ode" and steps is None)
+
+
+def check_sampler(method: str, steps: Optional[int], order: Optional[int] = None, *, has_inverter: bool) -> None:
+    """InputError for a setting the model or the sampler cannot run: an unknown sampler, `order` with a sampler
+    other than mrs_sde or outside 1-2, invsr steps outside 1-5 or a model without an inverter."""
+    if method not in SAMPLERS:
+        raise InputError(f"unknown sampler {method!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    if order is not None and method != "mrs_sde":
+        raise InputError(f"order applies to the mrs_sde sampler only, not {method}")
+    if order is not None and order not in MRS_ORDERS:
+        raise InputError(f"mrs_sde order must be 1 or 2, got {order}")
+    if method == "invsr":
+        if steps is not None and not 1 <= steps <= INVSR_MAX_STEPS:
+            raise InputError(f"invsr takes 1 to {INVSR_MAX_STEPS} steps, got {steps}")
+        if not has_inverter:
+            raise InputError("sampler invsr needs a checkpoint with an inverter: this one has none; train it with "
+                             "`pfsr train --config configs/<size>_inversion.yaml --init <this model's run>` "
+                             "(train.stage: inversion) and export that run")
 
 
 def _prior(shape: Sequence[int], seeds: Sequence[int], device, dtype) -> Tensor:
@@ -43,24 +61,31 @@ def _prior(shape: Sequence[int], seeds: Sequence[int], device, dtype) -> Tensor:
 
 @torch.no_grad()
 def super_resolve(model: PFSRModel, lr: Tensor, *, method: str = "pf_ode", steps: Optional[int] = None,
-                  rtol: float = 1e-4, atol: float = 1e-4, seeds: Optional[Sequence[int]] = None) -> tuple[Tensor, int]:
+                  rtol: float = 1e-4, atol: float = 1e-4, seeds: Optional[Sequence[int]] = None,
+                  order: Optional[int] = None, code_seeds: Optional[Sequence[int]] = None) -> tuple[Tensor, int]:
     """LR [N x C x h x w] in [0, 1] (sides a multiple of model.lr_multiple) -> (SR [N x C x sh x sw] in [0, 1], NFE).
 
-    NFE counts network evaluations of the batch (item-by-item solvers: the sum over items).
+    NFE counts network evaluations of the batch (item-by-item solvers: the sum over items). `order`: mrs_sde's.
+    invsr starts at the model's t* from the inverter's prediction, with each item's seed drawing its xi.
+    code_seeds: the seeds of the adaptive condition's histogram draws (default: seeds).
     """
-    if method not in SAMPLERS:
-        raise InputError(f"unknown sampler {method!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    check_sampler(method, steps, order, has_inverter=model.inverter is not None)
     seeds = list(range(lr.shape[0])) if seeds is None else list(seeds)
     if not is_deterministic_batchable(method, steps) and lr.shape[0] > 1:
-        outs = [super_resolve(model, lr[i:i + 1], method=method, steps=steps, rtol=rtol, atol=atol, seeds=[s])
-                for i, s in enumerate(seeds)]
+        code_seeds = seeds if code_seeds is None else list(code_seeds)
+        outs = [super_resolve(model, lr[i:i + 1], method=method, steps=steps, rtol=rtol, atol=atol, seeds=[s],
+                              order=order, code_seeds=[code_seeds[i]]) for i, s in enumerate(seeds)]
         return torch.cat([o[0] for o in outs]), sum(o[1] for o in outs)
-    cond = model.condition(lr)
+    cond = model.condition(lr, code_seeds=seeds if code_seeds is None else code_seeds)
     eps_fn, x0_fn = model.denoiser_fns(cond)
     x_T = _prior(cond.upsampled.shape, seeds, lr.device, lr.dtype)
     generator = torch.Generator(device=lr.device).manual_seed(seeds[0])
-    result = sample(eps_fn, x_T, model.sde, method=method, steps=steps, rtol=rtol, atol=atol, generator=generator,
-                    x0_fn=x0_fn)
+    start = {"x_T": x_T}
+    if method == "invsr":
+        t_star = torch.full((lr.shape[0],), model.t_star, device=lr.device, dtype=lr.dtype)
+        start = {"x_T": None, "t_start": model.t_star, "x_start": model.inversion_start(cond, t_star, x_T)[0]}
+    result = sample(eps_fn, sde=model.sde, method=method, steps=steps, rtol=rtol, atol=atol, generator=generator,
+                    x0_fn=x0_fn, order=order, **start)
     return model.from_diffused(result.x, cond).clamp(0, 1), result.nfe
 
 
@@ -204,16 +229,17 @@ def super_resolve_tiled(model: PFSRModel, lr: Tensor, *, tile: int = ServeConfig
                         overlap: int = ServeConfig.tile_overlap, method: str = "pf_ode", steps: Optional[int] = None,
                         rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
                         memory_budget_mb: float = ServeConfig.memory_budget_mb, tile_batch: Optional[int] = None,
-                        progress: Optional[Progress] = None) -> tuple[Tensor, int]:
+                        progress: Optional[Progress] = None, order: Optional[int] = None) -> tuple[Tensor, int]:
     """One LR image [1 x C x h x w] of any size -> (SR [1 x C x sh x sw], NFE): padded to the U-Net multiple and,
     when larger than a tile, cut into overlapping tiles whose outputs are blended linearly over the overlap. Tile i
-    uses seed + i. The tile side and the tiles solved together (unless `tile_batch` says) follow from
+    uses seed + i; every tile draws its adaptive-condition code (histogram prior) with `seed`. The tile side and the tiles solved together (unless `tile_batch` says) follow from
     `memory_budget_mb` (`plan_tiles`); the result does not depend on how many tiles share a solve."""
     plan = plan_tiles(model, lr.shape[-2], lr.shape[-1], tile=tile, memory_budget_mb=memory_budget_mb)
 
     def solve(tiles: Tensor, first: int) -> tuple[Tensor, int]:
         return super_resolve(model, tiles, method=method, steps=steps, rtol=rtol, atol=atol,
-                             seeds=[seed + first + i for i in range(tiles.shape[0])])
+                             seeds=[seed + first + i for i in range(tiles.shape[0])], order=order,
+                             code_seeds=[seed] * tiles.shape[0])
 
     return _over_tiles(lr, solve, scale=model.scale, multiple=model.lr_multiple, tile=plan.tile, overlap=overlap,
                        batch=tile_batch or plan.batch, progress=progress)
@@ -254,12 +280,13 @@ def upscale_array(model: PFSRModel, rgb: np.ndarray, alpha: Optional[np.ndarray]
                   steps: Optional[int], rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
                   tile: int = ServeConfig.tile, overlap: int = ServeConfig.tile_overlap,
                   memory_budget_mb: float = ServeConfig.memory_budget_mb, device: torch.device | str = "cpu",
-                  progress: Optional[Progress] = None) -> UpscaleResult:
+                  progress: Optional[Progress] = None, order: Optional[int] = None) -> UpscaleResult:
     """HxWx3 uint8 RGB (and optional HxW uint8 alpha) -> UpscaleResult with an RGB or RGBA PIL image."""
     t0 = time.perf_counter()
     lr = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255).to(device)
     sr, nfe = super_resolve_tiled(model, lr, tile=tile, overlap=overlap, method=method, steps=steps, rtol=rtol,
-                                  atol=atol, seed=seed, memory_budget_mb=memory_budget_mb, progress=progress)
+                                  atol=atol, seed=seed, memory_budget_mb=memory_budget_mb, progress=progress,
+                                  order=order)
     return UpscaleResult(image=to_image(sr[0], alpha, model.scale), nfe=nfe, seconds=time.perf_counter() - t0)
 
 
@@ -277,12 +304,14 @@ def to_image(sr: Tensor, alpha: Optional[np.ndarray], scale: int) -> Image.Image
 def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[str] = None, *,
             steps: Optional[int] = None, rtol: float = 1e-4, atol: float = 1e-4, seed: int = 0,
             tile: Optional[int] = None, device: Optional[str] = None, model: Optional[PFSRModel] = None,
-            memory_budget_mb: Optional[float] = None, progress: Optional[Progress] = None) -> Image.Image:
+            memory_budget_mb: Optional[float] = None, progress: Optional[Progress] = None,
+            order: Optional[int] = None) -> Image.Image:
     """Super-resolve a PIL image, a path, or image bytes; returns a PIL image `scale` times larger.
 
     `checkpoint`: an exported checkpoint (default: the shipped models/pfsr_x4_small.pt); `sampler`: one of
-    pfsr.sampling.SAMPLERS (default: the checkpoint config's sampler); `tile`, `memory_budget_mb`: default the
-    config's serve.tile and serve.memory_budget_mb; `progress(tiles done, tiles)` after each batch of tiles.
+    pfsr.sampling.SAMPLERS (default: the checkpoint config's sampler); `order`: mrs_sde's (1 or 2, default 2);
+    `tile`, `memory_budget_mb`: default the config's serve.tile and serve.memory_budget_mb; `progress(tiles done,
+    tiles)` after each batch of tiles.
     """
     from .checkpoint import load_model
     from .images import decode_image
@@ -306,7 +335,7 @@ def upscale(image, checkpoint: Optional[str | Path] = None, sampler: Optional[st
     return upscale_array(model, decoded.rgb, decoded.alpha, method=method, steps=steps, rtol=rtol, atol=atol,
                          seed=seed, tile=tile or cfg.serve.tile, overlap=cfg.serve.tile_overlap,
                          memory_budget_mb=memory_budget_mb or cfg.serve.memory_budget_mb, device=dev,
-                         progress=progress).image
+                         progress=progress, order=order).image
 
 
 def run_cli(args) -> int:
@@ -334,6 +363,9 @@ def run_cli(args) -> int:
     model = load_model(resolve_checkpoint(args.checkpoint), device)
     method = args.sampler or model.config.sampler.method
     steps = args.steps if args.steps is not None or args.sampler else model.config.sampler.steps
+    check_sampler(method, steps, args.order, has_inverter=model.inverter is not None)  # before writing anything
+    if model.adaptive is not None:
+        print(model.adaptive.describe(), flush=True)
     for i, (p, q) in enumerate(zip(inputs, outputs), 1):
         t0 = time.perf_counter()
         with tqdm(desc=f"[{i}/{len(inputs)}] {p.name}", unit="tile", leave=False, file=sys.stderr) as bar:
@@ -344,7 +376,7 @@ def run_cli(args) -> int:
 
             image = upscale(p, sampler=method, steps=steps, rtol=args.rtol, atol=args.atol, seed=args.seed,
                             tile=args.tile, device=str(device), model=model, memory_budget_mb=args.memory_budget_mb,
-                            progress=progress)
+                            progress=progress, order=args.order)
         q.parent.mkdir(parents=True, exist_ok=True)
         tmp = q.with_name(q.name + ".tmp")
         try:

@@ -2,6 +2,7 @@
 loss through the probability-flow ODE with adjoint gradients (seed 000)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -10,19 +11,31 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from .config import LossConfig
-from .diffusion import VPSDE, hybrid_mix
+from .diffusion import VPSDE, append_dims, hybrid_mix
+from .masks import structure_coefficient, structure_encoding
+from .models.inverter import start_state
 from .models.sr import Condition, PFSRModel
 from .sampling import ProbabilityFlowODE
 
 
+def modulated_noise(eps: Tensor, t: Tensor, sde: VPSDE, structure: Optional[Tensor], scale: float) -> Tensor:
+    """Seed 002: eps' = eps + c(t) E(M), c(t) = scale sigma(t) beta(t); eps itself when structure (E(M),
+    [N x 1 x H x W]) is None."""
+    if structure is None:
+        return eps
+    return eps + append_dims(structure_coefficient(sde, t, scale), eps.ndim).to(eps.dtype) * structure
+
+
 def dsm_loss(model: PFSRModel, r0: Tensor, cond: Condition, cfg: LossConfig,
-             generator: Optional[torch.Generator] = None) -> Tensor:
+             generator: Optional[torch.Generator] = None, structure: Optional[Tensor] = None) -> Tensor:
     """E_t,eps [w_e ||e - eps||^2 + w_d ||d - r0||^2] (cfg.dsm_target "heads", the reference code) or
-    ||eps_hat - eps||^2 ("mixed"), t ~ U[t_min, 1]; means over pixels and batch. r0 [N x C x H x W]."""
+    ||eps_hat - eps||^2 ("mixed"), t ~ U[t_min, 1]; means over pixels and batch. r0 [N x C x H x W].
+    structure: E(M) [N x 1 x H x W] of seed 002; the noise is then eps' (`modulated_noise`) in x_t and targets."""
     sde = model.sde
     n = r0.shape[0]
     t = sde.t_min + (sde.t_max - sde.t_min) * torch.rand(n, device=r0.device, generator=generator)
     eps = torch.randn(r0.shape, device=r0.device, generator=generator, dtype=r0.dtype)
+    eps = modulated_noise(eps, t, sde, structure, model.config.diffusion.noise_modulation_scale)
     x_t = sde.marginal(r0, t, eps)
     e, d = model.heads(x_t, t, cond)
     if cfg.dsm_target == "mixed":
@@ -60,6 +73,15 @@ def prediction_error(model: PFSRModel, r0: Tensor, cond: Condition, t_edges: Ten
         eps_err.append(F.mse_loss(eps_hat.double(), eps.double()))
         r0_err.append(F.mse_loss(x0_hat.double(), r0.double()))
     return {"eps": torch.stack(eps_err).cpu(), "r0": torch.stack(r0_err).cpu()}
+
+
+def inversion_loss(x0_fn, sde: VPSDE, r0: Tensor, t: Tensor, mean: Tensor, logvar: Tensor, xi: Tensor,
+                   r_init: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Seed 001's objective of the start noise: one data prediction x0_fn(x_t*, t*) from
+    x_t* = alpha r_init + sigma (mean + exp(logvar / 2) xi), and its mean squared distance to the clean r0.
+    Returns (L2 loss, x0_hat); the caller adds the image-quality features of x0_hat."""
+    x0_hat = x0_fn(start_state(sde, t, mean, logvar, xi, r_init), t)
+    return F.mse_loss(x0_hat.float(), r0.float()), x0_hat
 
 
 def l1_regression_loss(model: PFSRModel, lr: Tensor, hr: Tensor) -> Tensor:
@@ -166,7 +188,8 @@ def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Mod
     """
     dtype = torch.promote_types(next(model.unet.parameters()).dtype, torch.float32)
     with torch.autocast(device_type=hr.device.type, enabled=False):
-        cond_ode = Condition(features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype))
+        cond_ode = dataclasses.replace(cond, features=cond.features.to(dtype), upsampled=cond.upsampled.to(dtype),
+                                       mean=None if cond.mean is None else cond.mean.to(dtype))
         x_T = torch.randn(hr.shape, device=hr.device, generator=generator, dtype=dtype)
         r = solve_pf_ode_adjoint(model, cond_ode, x_T, cfg, adjoint=adjoint)
         return distance(model.from_diffused(r, cond_ode), hr.to(dtype))
@@ -175,8 +198,16 @@ def quality_loss(model: PFSRModel, cond: Condition, hr: Tensor, distance: nn.Mod
 class TrainingObjective(nn.Module):
     """Everything one training step differentiates, in one forward (so DDP sees a single call).
 
-    forward(hr [N x C x H x W] in [0, 1], lr [N x C x h x w], with_quality) -> dict of scalar losses with "total".
-    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (DSM + w * quality).
+    forward(hr [N x C x H x W] in [0, 1], lr [N x C x h x w], with_quality, mask [N x H x W] labels or None)
+    -> dict of scalar losses with "total".
+    Stages: "encoder" (L1 regression of the RRDB), "diffusion" (DSM), "quality" (w_dsm * DSM + w * quality; with
+    w_dsm = 0 no DSM is computed, and without quality_train_encoder the quality loss sees detached LR features),
+    "inversion" (seed 001: L2 of the one-call data prediction from the inverter's start + w * quality, t* drawn
+    from inversion.t_stars per sample).
+    Seed 002 (diffusion.noise_modulation "structure"): the DSM noise is modulated by E(mask), computed here, on the
+    training device. Seed 004 (model.adaptive_condition): the code of the HR residual conditions the U-Net, the
+    LR predictor's cross-entropy is added ("loss_code"), and "code" [N x d] (not a loss) is returned for the
+    histogram.
     """
 
     def __init__(self, model: PFSRModel, cfg: LossConfig, stage: str):
@@ -192,24 +223,63 @@ class TrainingObjective(nn.Module):
         if self.distance is None:
             return "off"
         c = self.cfg
-        features = ("VGG19 relu5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
+        features = ("VGG19 conv5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
                     else "Laplacian pyramid L1 (weight-free)")
         solver = f"rk4, {c.quality_steps} steps" if c.quality_solver == "rk4" else \
             f"dopri5, rtol {c.quality_rtol:g}"
-        return f"{features}; PF-ODE by the adjoint method ({solver}); weight {c.quality_weight:g} every " \
-               f"{c.quality_every} step(s)"
+        through = "the one-call data prediction at t*" if self.stage == "inversion" else \
+            f"PF-ODE by the adjoint method ({solver})"
+        return f"{features}; {through}; weight {c.quality_weight:g} every {c.quality_every} step(s); " \
+               f"DSM weight {c.dsm_weight:g}; encoder {'trained' if c.quality_train_encoder else 'not trained'} " \
+               f"through it"
 
     def forward(self, hr: Tensor, lr: Tensor, with_quality: bool = False,
-                generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+                generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None) -> dict[str, Tensor]:
         if self.stage == "encoder":
             l1 = l1_regression_loss(self.model, lr, hr)
             return {"loss_l1": l1, "total": l1}
-        cond = self.model.condition(lr)
+        cond = self.model.condition(lr, prior_code=False)
         r0 = self.model.to_diffused(hr, cond)
-        dsm = dsm_loss(self.model, r0, cond, self.cfg, generator)
-        out = {"loss_dsm": dsm, "total": dsm}
+        if self.stage == "inversion":
+            return self._inversion(hr, cond, r0, with_quality, generator)
+        adaptive = self.model.adaptive
+        if adaptive is not None:
+            cond.code = adaptive.encode(r0)
+        out = {"total": torch.zeros((), device=hr.device)}
+        if self.cfg.dsm_weight > 0:
+            dsm = dsm_loss(self.model, r0, cond, self.cfg, generator, structure=self._structure(mask, r0))
+            out = {"loss_dsm": dsm, "total": self.cfg.dsm_weight * dsm}
+        if adaptive is not None:
+            out["loss_code"] = adaptive.predictor_loss(cond.features, cond.code)
+            out["total"] = out["total"] + out["loss_code"]
+            out["code"] = cond.code.detach()
         if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
+            if not self.cfg.quality_train_encoder:  # the encoder out of the adjoint parameters (reference code)
+                cond = dataclasses.replace(cond, features=cond.features.detach())
             q = quality_loss(self.model, cond, hr, self.distance, self.cfg, generator)
             out["loss_quality"] = q
-            out["total"] = dsm + self.cfg.quality_weight * q
+            out["total"] = out["total"] + self.cfg.quality_weight * q
         return out
+
+    def _inversion(self, hr: Tensor, cond: Condition, r0: Tensor, with_quality: bool,
+                   generator: Optional[torch.Generator]) -> dict[str, Tensor]:
+        model = self.model
+        t_stars = torch.tensor(model.config.inversion.t_stars, device=r0.device, dtype=r0.dtype)
+        t = t_stars[torch.randint(len(t_stars), (r0.shape[0],), device=r0.device, generator=generator)]
+        xi = torch.randn(r0.shape, device=r0.device, generator=generator, dtype=r0.dtype)
+        mean, logvar = model.inverter(cond.lr, cond.features, t)
+        l2, x0_hat = inversion_loss(lambda x, tt: model.denoise(x, tt, cond)[1], model.sde, r0, t, mean, logvar, xi)
+        out = {"loss_l2": l2, "total": l2, "start_std": torch.exp(0.5 * logvar.detach().float()).mean()}
+        if with_quality and self.distance is not None and self.cfg.quality_weight > 0:
+            q = self.distance(model.from_diffused(x0_hat.float(), cond), hr.float())
+            out["loss_quality"] = q
+            out["total"] = l2 + self.cfg.quality_weight * q
+        return out
+    def _structure(self, mask: Optional[Tensor], r0: Tensor) -> Optional[Tensor]:
+        """E(mask) [N x 1 x H x W] on r0's device when the config modulates the noise, else None."""
+        if self.model.config.diffusion.noise_modulation == "none":
+            return None
+        if mask is None:
+            raise ValueError("diffusion.noise_modulation 'structure' needs the batch's masks (a loader made with "
+                             "with_masks=True over shards from `pfsr prep --masks`)")
+        return structure_encoding(mask.to(r0.device), dtype=r0.dtype)

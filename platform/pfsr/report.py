@@ -4,7 +4,9 @@ folder with `python -m pfsr.report demo_out`.
 
 Inputs, all optional (a section whose files are missing says so):
     timings.json               {"stages": [{"name", "seconds", "status", "command"}], "total_seconds", "status",
-                                "failed_stage", "machine", "data", "quick", "started"}
+                                "failed_stage", "machine", "data", "quick", "started", "from_scratch",
+                                "models": {"shipped", "demo": what each model is, in words}}
+    fine_tuning.json           the demo model against the shipped model it started from (pfsr.pipeline.demo)
     eval/<model>-<setting>/    `pfsr evaluate` outputs: metrics.json, grids/*.png (<model> is "demo", "shipped")
     loss_curves.json           {stage: {tag: [[step, value], ...]}} (read from the runs' TensorBoard files)
     serve.json                 the HTTP request of the Serve stage, with serve_lr.png, serve_sr.png, serve_hr.png
@@ -31,6 +33,7 @@ import numpy as np
 QUALITY_COLUMNS = (("psnr_y", "PSNR-Y dB"), ("ssim_y", "SSIM-Y"), ("psnr_rgb", "PSNR-RGB dB"),
                    ("ssim_rgb", "SSIM-RGB"), ("lpips", "LPIPS"))
 MODEL_LABELS = {"demo": "demo model (trained just now)", "shipped": "shipped model (models/pfsr_x4_small.pt)"}
+MODEL_ORDER = ("shipped", "demo")  # the shipped model first, then the demo's
 CURVE_TAGS = ("train/loss_l1", "train/loss_dsm", "train/loss_quality", "val/psnr_y")
 GRIDS_PER_EVAL = 2
 
@@ -99,8 +102,8 @@ def _read_json(path: Path) -> Optional[Any]:
 
 
 def load_evaluations(out: Path) -> list[dict[str, Any]]:
-    """eval/<model>-<setting>/metrics.json, each with "name", "model" label key and "dir" added; sorted by model,
-    then NFE."""
+    """eval/<model>-<setting>/metrics.json, each with "name", "model" label key and "dir" added; sorted by model
+    (MODEL_ORDER), then NFE."""
     evals = []
     for metrics in sorted((out / "eval").glob("*/metrics.json")):
         report = _read_json(metrics)
@@ -108,13 +111,16 @@ def load_evaluations(out: Path) -> list[dict[str, Any]]:
             continue
         name = metrics.parent.name
         evals.append({**report, "name": name, "owner": name.split("-", 1)[0], "dir": metrics.parent})
-    return sorted(evals, key=lambda e: (e["owner"] != "demo", e["owner"], e["model"].get("nfe") or 0))
+    rank = {owner: i for i, owner in enumerate(MODEL_ORDER)}
+    return sorted(evals, key=lambda e: (rank.get(e["owner"], len(rank)), e["owner"], e["model"].get("nfe") or 0))
 
 
 def setting_label(report: dict[str, Any]) -> str:
     if report.get("sampler") == "pf_ode" and report.get("steps") is None:
         return f"PF-ODE dopri5 (rtol {report.get('rtol', 1e-4):g})"
-    return f"{report.get('sampler')} {report.get('steps')} steps"
+    order = f" order {report['order']}" if report.get("order") is not None else ""
+    mean = ", rrdb mean" if report.get("diffusion_mean") == "rrdb" else ""
+    return f"{report.get('sampler')}{order} {report.get('steps')} steps{mean}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,9 +337,34 @@ def metrics_table(evals: Sequence[dict[str, Any]]) -> str:
             f"(BasicSR). {note}</p>")
 
 
-def _grids_html(evals: Sequence[dict[str, Any]]) -> str:
+def models_html(timings: dict[str, Any], evals: Sequence[dict[str, Any]]) -> str:
+    """What each model is (timings.json "models"), and the before/after of the demo's fine-tuning
+    (fine_tuning.json) when there is one."""
+    models = timings.get("models") or {o: MODEL_LABELS.get(o, o) for o in dict.fromkeys(e["owner"] for e in evals)}
+    items = "".join(f"<li><b>{html.escape(owner)}</b>: {html.escape(text)}</li>" for owner, text in models.items())
+    if timings.get("from_scratch"):
+        items += ("<li><b>before the demo's training</b>: random weights (<code>--from-scratch</code>; not "
+                  "evaluated: noise)</li>")
+    return f"<ul>{items}</ul>" if items else '<p class="bad">No model was evaluated.</p>'
+
+
+def fine_tuning_html(check: Optional[dict[str, Any]]) -> str:
+    if not check:
+        return ""
+    verdict = (f"<span class='{'ok' if check['ok'] else 'bad'}'>{'kept' if check['ok'] else 'lost'}</span>")
+    n = check["n_images"]
+    return (f"<p>Fine-tuning, {html.escape(check['setting'])} on {n} validation crop{'' if n == 1 else 's'}: PSNR-Y "
+            f"{check['before_psnr_y']:.2f} dB before (the shipped model), {check['after_psnr_y']:.2f} dB after "
+            f"({check['delta_db']:+.2f} dB): quality {verdict} (the demo fails when fine-tuning loses more than "
+            f"{check['tolerance_db']:g} dB).</p>")
+
+
+def _grids_html(evals: Sequence[dict[str, Any]], models: Optional[dict[str, str]] = None) -> str:
     parts = []
-    for e in evals:
+    for i, e in enumerate(evals):
+        if i == 0 or e["owner"] != evals[i - 1]["owner"]:
+            text = (models or {}).get(e["owner"]) or MODEL_LABELS.get(e["owner"], e["owner"])
+            parts.append(f"<h3>{html.escape(text[:1].upper() + text[1:])}</h3>")
         for png in sorted(Path(e["dir"]).glob("grids/*.png"))[:GRIDS_PER_EVAL]:
             parts.append(f"<figure>{_img(png.read_bytes(), png.stem)}<figcaption>{html.escape(e['owner'])} model, "
                          f"{html.escape(setting_label(e))}: {html.escape(png.stem)} "
@@ -414,13 +445,15 @@ def build_report(out: str | Path) -> Path:
         f"Machine: {html.escape(describe_machine(machine))}; {html.escape(str(machine.get('os')))}, Python "
         f"{html.escape(str(machine.get('python')))}, torch {html.escape(str(machine.get('torch')))}, Ray "
         f"{html.escape(str(machine.get('ray')))}.</p>",
+        "<h2>The models</h2>" + models_html(timings, evals) + fine_tuning_html(_read_json(out / "fine_tuning.json")),
         "<h2>Metrics on held-out images</h2>" + metrics_table(evals),
         "<h2>Quality against network evaluations</h2>"
         + (_img(nfe_png, "quality against NFE") if nfe_png else "<p class='bad'>No evaluations to plot.</p>")
         + "<p class='note'>Adaptive PF-ODE (dopri5) chooses its own NFE; the few-step solvers use exactly their "
-          "step count. A demo model trained for minutes is far from converged: compare the shipped model.</p>",
+          "step count. A model trained from scratch for minutes is far from converged: compare the shipped "
+          "model.</p>",
         "<h2>Comparison grids</h2><p class='note'>bicubic | PF-SR | HR with the most detailed region zoomed "
-        "below (from <code>pfsr evaluate</code>).</p>" + _grids_html(evals),
+        "below (from <code>pfsr evaluate</code>).</p>" + _grids_html(evals, timings.get("models")),
         "<h2>Upscaled over HTTP by the Serve endpoint</h2>" + _serve_html(out),
         "<h2>Training curves</h2>" + (_img(loss_png, "loss curves") + f"<ul>{final_losses}</ul>" if loss_png else
                                       "<p class='bad'>No training curves (loss_curves.json missing).</p>"),

@@ -24,6 +24,9 @@ import pyarrow.fs as pafs
 from .errors import InputError
 
 S3_PREFIX = "s3://"
+# Attempts per S3 request (pyarrow and boto3 alike): throttling (503 SlowDown), 500s, resets and timeouts are
+# retried with AWS's standard backoff.
+S3_MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def _region() -> str | None:
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None, access_key: str | None) -> pafs.S3FileSystem:
     # access_key is only part of the cache key: pyarrow reads the credentials chain itself.
-    kwargs = {}
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
     if region:
@@ -158,9 +161,11 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
 def _s3_put(uri: str, data: bytes) -> None:
     import boto3
     from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
 
     bucket, _, key = uri[len(S3_PREFIX):].partition("/")
-    client = boto3.client("s3", endpoint_url=_endpoint(), region_name=_region())
+    client = boto3.client("s3", endpoint_url=_endpoint(), region_name=_region(),
+                          config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}))
     # Below the threshold one PUT; above it a multipart upload that boto3 completes, or aborts on error.
     client.upload_fileobj(io.BytesIO(data), bucket, key, Config=TransferConfig(multipart_threshold=64 << 20,
                                                                                multipart_chunksize=64 << 20))

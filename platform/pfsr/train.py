@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Config
+from .config import Config, LossConfig
 from .degradation import degrade, to_uint8
 from .losses import TrainingObjective
 from .models.sr import PFSRModel
@@ -19,15 +20,21 @@ from .models.sr import PFSRModel
 log = logging.getLogger("pfsr.train")
 
 
-def set_trainable(model: PFSRModel, stage: str) -> None:
-    """Encoder stage: only the RRDB (trunk and regression head). Diffusion/quality stages: the U-Net and the RRDB
-    trunk unless frozen; the RRDB's regression head stays as it was (it is the baseline, unused by the U-Net)."""
+def set_trainable(model: PFSRModel, stage: str, loss: Optional[LossConfig] = None) -> None:
+    """Encoder stage: only the RRDB (trunk and regression head). Inversion stage: only the inverter.
+    Diffusion/quality stages: the U-Net and the RRDB trunk unless frozen; the RRDB's regression head stays as it
+    was (it is the baseline, unused by the U-Net). A quality stage whose `loss` gives the encoder no gradient
+    (dsm_weight 0, quality_train_encoder off: the reference code's fine-tuning) keeps the RRDB frozen too."""
     model.requires_grad_(False)
     if stage == "encoder":
         model.rrdb.requires_grad_(True)
         return
+    if stage == "inversion":  # seed 001: the noise predictor alone, the PF-SR model frozen
+        model.inverter.requires_grad_(True)
+        return
     model.unet.requires_grad_(True)
-    if not model.freeze_encoder:
+    no_encoder_gradient = loss is not None and loss.dsm_weight == 0 and not loss.quality_train_encoder
+    if not model.freeze_encoder and not no_encoder_gradient:
         model.rrdb.conv_first.requires_grad_(True)
         for i, block in enumerate(model.rrdb.body):
             block.requires_grad_(i <= max(model.rrdb.feature_blocks))
@@ -58,7 +65,7 @@ class TrainState:
 
 
 def make_state(model: PFSRModel, config: Config) -> TrainState:
-    set_trainable(model, config.train.stage)
+    set_trainable(model, config.train.stage, config.loss)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -75,11 +82,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Config,
-               generator: Optional[torch.Generator] = None) -> dict[str, float]:
+               generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None) -> dict[str, float]:
     """One optimizer step on a batch of HR crops [N x C x H x W] in [0, 1] (on the training device).
 
     `objective` is a TrainingObjective over state.model, possibly wrapped in DistributedDataParallel. The LR
-    input is made here, on the device. Returns train/* metrics (losses, lr, grad_norm).
+    input is made here, on the device. mask: the crops' label masks [N x H x W] (seed 002's structure noise).
+    Returns train/* metrics (losses, lr, grad_norm).
     """
     tc, lc = config.train, config.loss
     # 8-bit LR, as the LR files of the data sets (and every LR input at inference) are.
@@ -87,13 +95,16 @@ def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Conf
     with_quality = (tc.stage == "quality" or lc.quality_weight > 0) and state.step % lc.quality_every == 0
     use_bf16 = tc.bf16 and hr.device.type == "cuda"
     with torch.autocast(device_type=hr.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        losses = objective(hr, lr_img, with_quality=with_quality, generator=generator)
+        losses = objective(hr, lr_img, with_quality=with_quality, generator=generator, mask=mask)
+    code = losses.pop("code", None)  # seed 004: this batch's adaptive-condition codes
     state.optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
+    if code is not None:
+        state.model.adaptive.update_histogram(code, tc.ema_decay)
     ema_update(state.ema, state.model, tc.ema_decay)
     state.step += 1
     metrics = {f"train/{k}": v.item() for k, v in losses.items() if k != "total"}
@@ -102,12 +113,22 @@ def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Conf
     return metrics
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of torch's RNG for one training step of one rank (numpy's SeedSequence mixes the three)."""
+    return int(np.random.SeedSequence((seed, rank, step)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def train_loop(state: TrainState, config: Config, batches: Iterable[Tensor], *,
                objective: Optional[nn.Module] = None, device: torch.device | str = "cpu",
                on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
-               until_step: Optional[int] = None, generator: Optional[torch.Generator] = None) -> TrainState:
+               until_step: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               noise_seed: Optional[tuple[int, int]] = None) -> TrainState:
     """Run train_step over `batches` until `until_step` (default train.steps); calls on_log every log_every steps
-    with the metrics averaged since the last call, plus train/samples_per_s."""
+    with the metrics averaged since the last call, plus train/samples_per_s.
+
+    `noise_seed` (seed, rank): torch's RNG is seeded with step_seed(seed, rank, step) before every step, so the
+    step's noise (DSM t and eps, degradation, dropout) depends on the step alone and a run resumed from a
+    checkpoint draws what an uninterrupted run does (with `generator` None)."""
     objective = objective if objective is not None else TrainingObjective(state.model, config.loss, config.train.stage)
     until_step = config.train.steps if until_step is None else until_step
     state.model.train()
@@ -115,8 +136,12 @@ def train_loop(state: TrainState, config: Config, batches: Iterable[Tensor], *,
     count, samples, t0 = 0, 0, time.perf_counter()
     batch_iter: Iterator[Tensor] = iter(batches)
     while state.step < until_step:
-        hr = next(batch_iter).to(device, non_blocking=True)
-        metrics = train_step(objective, hr, state, config, generator)
+        batch = next(batch_iter)
+        hr, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)  # (hr, mask): with_masks loaders
+        hr = hr.to(device, non_blocking=True)
+        if noise_seed is not None:
+            torch.manual_seed(step_seed(*noise_seed, state.step))
+        metrics = train_step(objective, hr, state, config, generator, mask=mask)
         for k, v in metrics.items():
             acc[k] = acc.get(k, 0.0) + v
         count, samples = count + 1, samples + hr.shape[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +11,8 @@ from torch import Tensor, nn
 from ..config import Config
 from ..degradation import upsample
 from ..diffusion import VPSDE, hybrid_mix, sde_from_config
+from .adaptive import AdaptiveCondition, optional_code_embedding
+from .inverter import NoisePredictor, start_state
 from .rrdb import RRDBNet
 from .unet import UNet
 
@@ -21,6 +24,9 @@ class Condition:
 
     features: Tensor
     upsampled: Tensor
+    mean: Optional[Tensor] = None  # diffusion.mean rrdb: the frozen encoder's output, the residual's reference
+    lr: Optional[Tensor] = None  # the LR input (the inverter's)
+    code: Optional[Tensor] = None  # seed 004: the adaptive condition's code [N x d] (models with one)
 
 
 class PFSRModel(nn.Module):
@@ -50,6 +56,18 @@ class PFSRModel(nn.Module):
         self.freeze_encoder = m.freeze_encoder
         if m.freeze_encoder:
             self.rrdb.requires_grad_(False)
+        self.diffusion_mean = config.diffusion.mean
+        # The inversion stage's noise predictor (seed 001); a checkpoint of that stage carries it.
+        self.inverter: Optional[NoisePredictor] = None
+        if config.train.stage == "inversion":
+            self.inverter = NoisePredictor(in_channels=m.in_channels, feat_channels=self.rrdb.feature_channels,
+                                           num_feat=config.inversion.num_feat, num_block=config.inversion.num_block,
+                                           scale=m.scale)
+        self.t_star = config.inversion.t_stars[0]  # sampler invsr's start time
+        self.adaptive = None if m.adaptive_condition == "none" else AdaptiveCondition(
+            in_channels=m.in_channels, feature_channels=self.rrdb.feature_channels,
+            emb_channels=4 * m.unet_base_channels, dims=m.adaptive_condition_dims,
+            levels=m.adaptive_condition_levels, prior=m.adaptive_condition)
 
     @property
     def lr_multiple(self) -> int:
@@ -63,29 +81,48 @@ class PFSRModel(nn.Module):
             raise ValueError(f"HR size {h * self.scale}x{w * self.scale} (LR {h}x{w} x{self.scale}) must be a multiple "
                              f"of {need} on both sides (U-Net depth); pad the LR image to a multiple of {self.lr_multiple}")
 
-    def condition(self, lr: Tensor) -> Condition:
-        """LR [N x C x h x w] in [0, 1] -> Condition."""
+    def condition(self, lr: Tensor, code_seeds: Optional[Sequence[int]] = None, *,
+                  prior_code: bool = True) -> Condition:
+        """LR [N x C x h x w] in [0, 1] -> Condition. With adaptive conditions (seed 004) and prior_code, its code
+        comes from the prior (the histogram draws item i's with code_seeds[i], default 0)."""
         self.check_lr_size(lr)
         if self.freeze_encoder:
             with torch.no_grad():
                 features = self.rrdb.features(lr)
         else:
             features = self.rrdb.features(lr)
-        return Condition(features=features, upsampled=upsample(lr, self.scale))
+        mean = None
+        if self.diffusion_mean == "rrdb":
+            with torch.no_grad():  # the frozen encoder's estimate of HR (config validation insists on frozen)
+                mean = self.rrdb(lr)
+        cond = Condition(features=features, upsampled=upsample(lr, self.scale), mean=mean, lr=lr)
+        if self.adaptive is not None and prior_code:
+            cond.code = self.adaptive.prior_code(features, code_seeds or [0] * lr.shape[0])
+        return cond
 
     def to_diffused(self, hr: Tensor, cond: Condition) -> Tensor:
         if self.diffuse == "residual":
-            return self.residual_scale * (hr - cond.upsampled)
+            return self.residual_scale * (hr - (cond.upsampled if cond.mean is None else cond.mean))
         return 2 * hr - 1
 
     def from_diffused(self, r: Tensor, cond: Condition) -> Tensor:
         if self.diffuse == "residual":
-            return cond.upsampled + r / self.residual_scale
+            return (cond.upsampled if cond.mean is None else cond.mean) + r / self.residual_scale
         return (r + 1) / 2
+
+    def inversion_start(self, cond: Condition, t: Tensor, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The inverter's start state at t* [N] from xi [N x C x H x W] -> (x_t*, mean, logvar). The LR
+        estimate (bicubic or RRDB, the residual's reference) is r = 0 in the diffused variable, so r_init = 0."""
+        if self.inverter is None:
+            raise ValueError("this model has no inverter: train one with train.stage: inversion "
+                             "(configs/*_inversion.yaml, --init this model's run)")
+        mean, logvar = self.inverter(cond.lr, cond.features, t)
+        return start_state(self.sde, t, mean, logvar, xi), mean, logvar
 
     def heads(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
         """x_t [N x C x H x W], t [N] -> (e, d), each [N x C x H x W]."""
-        out = self.unet(torch.cat([x_t, 2 * cond.upsampled - 1], dim=1), t, cond.features)
+        out = self.unet(torch.cat([x_t, 2 * cond.upsampled - 1], dim=1), t, cond.features,
+                        code_emb=optional_code_embedding(self.adaptive, cond.code))
         return out.chunk(2, dim=1)
 
     def denoise(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:

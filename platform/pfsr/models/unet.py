@@ -152,13 +152,16 @@ class UNet(nn.Module):
                 h = layer(h)
         return h
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, code_emb: Tensor | None = None) -> Tensor:
+        """code_emb [N x 4 base_channels]: added to the time embedding (seed 004's adaptive condition)."""
         n, _, height, width = x.shape
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"U-Net input {height}x{width} must be a multiple of {self.size_multiple} on both sides")
         if t.shape != (n,):
             raise ValueError(f"t must have shape [{n}], got {tuple(t.shape)}")
         emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
+        if code_emb is not None:
+            emb = emb + code_emb.to(emb.dtype)
         resized: dict[tuple[int, int], Tensor] = {}
 
         def cond_at(h: int, w: int) -> Tensor:  # LR features brought to each resolution once per call

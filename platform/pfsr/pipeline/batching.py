@@ -29,19 +29,21 @@ from ..models.sr import PFSRModel
 
 @dataclass(frozen=True)
 class SolverSettings:
-    """One sampler setting (hashable: part of a group key). steps None with pf_ode = adaptive dopri5."""
+    """One sampler setting (hashable: part of a group key). steps None with pf_ode = adaptive dopri5; order:
+    mrs_sde's (None: its default)."""
 
     method: str
     steps: Optional[int] = None
     rtol: float = 1e-4
     atol: float = 1e-4
+    order: Optional[int] = None
 
     @property
     def batchable(self) -> bool:
         return is_deterministic_batchable(self.method, self.steps)
 
     def kwargs(self) -> dict:
-        return {"method": self.method, "steps": self.steps, "rtol": self.rtol, "atol": self.atol}
+        return {"method": self.method, "steps": self.steps, "rtol": self.rtol, "atol": self.atol, "order": self.order}
 
 
 @dataclass

@@ -3,11 +3,17 @@
     data       the photos scikit-image ships (or --data: your images, split deterministically) -> data/{train,val}
     prep       `pfsr prep` (Ray Data) -> WebDataset shards/{train,val}
     train      `pfsr train --workers 2` (Ray Train, DDP): the RRDB encoder (L1 regression), then the diffusion
-               model from it (--init, encoder frozen) -> runs/demo-{encoder,diffusion}
+               model from it (--init, encoder frozen) -> runs/demo-{encoder,diffusion}. By default both stages
+               fine-tune the shipped model (the encoder stage starts from models/pfsr_x4_small.pt with --init, so
+               the demo model has its architecture, configs/pfsr_x4_small*.yaml); --from-scratch trains
+               configs/tiny*.yaml from random weights instead.
     export     `pfsr export` -> models/pfsr_demo.pt
-    evaluate   `pfsr evaluate` (Ray Data batch inference): PF-ODE and DPM-Solver++(2M), and the shipped model
-               models/pfsr_x4_small.pt when it exists -> eval/<model>-<setting>/
-    serve      `pfsr serve` (Ray Serve) on a free port; a held-back photo upscaled over HTTP -> serve_*.png
+    evaluate   `pfsr evaluate` (Ray Data batch inference): the shipped model models/pfsr_x4_small.pt (when it
+               exists) and the demo model, PF-ODE and DPM-Solver++(2M) -> eval/<model>-<setting>/
+    serve      `pfsr serve` (Ray Serve) on a free port (its web page's address printed); a held-back photo
+               upscaled over HTTP -> serve_*.png
+    check      fine-tuning: the demo model against the model it started from at DPM-Solver++(2M) 10 steps; more
+               than FINE_TUNE_TOLERANCE_DB worse fails the demo -> fine_tuning.json
     report     report.html (pfsr.report) from the raw files beside it: timings.json, loss_curves.json, ...
 
 The cluster is the demo's own `ray start --head` (free ports, its own temp dir, its own auth token); its address
@@ -40,14 +46,24 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Optional
 
 import numpy as np
+import yaml
 
 from .. import storage
+from ..config import ServeConfig
 from ..errors import InputError
 from ..inference import DEFAULT_CHECKPOINT, IMAGE_SUFFIXES
+from .proxy import proxy_env
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # the diffusion stage
 TINY_ENCODER_CONFIG = REPO / "configs" / "tiny_encoder.yaml"  # its encoder stage
+# Fine-tuning the shipped model: its configs, with the demo's crops, batches and a lower learning rate.
+SHIPPED_CONFIG = REPO / "configs" / "pfsr_x4_small.yaml"
+SHIPPED_ENCODER_CONFIG = REPO / "configs" / "pfsr_x4_small_encoder.yaml"
+FINE_TUNE = {"data": {"crop": 64, "batch_size": 8, "shuffle_buffer": 64, "num_workers": 1},
+             "train": {"lr": 5.0e-5, "warmup_steps": 10, "ema_decay": 0.99}}
+FINE_TUNE_SETTING = "dpmpp_2m-10"  # the setting the fine-tuning check compares (the serving default)
+FINE_TUNE_TOLERANCE_DB = 0.3  # the demo fails when fine-tuning loses more PSNR-Y than this
 # skimage.data's RGB photos (sources and licences in the README); VAL_PHOTOS are held back for validation.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle")
@@ -56,7 +72,7 @@ OWN_DATA_VAL_FRACTION, OWN_DATA_MAX_VAL = 0.1, 32
 # What the demo writes under --out; a new run removes these first (and nothing else there).
 OUTPUTS = ("data", "shards", "configs", "runs", "models", "eval", "logs", "report.html", "timings.json",
            "loss_curves.json", "serve.json", "serve_lr.png", "serve_sr.png", "serve_hr.png", "serve_comparison.png",
-           "quality_vs_nfe.png", "loss_curves.png", "timings.png")
+           "quality_vs_nfe.png", "loss_curves.png", "timings.png", "fine_tuning.json")
 HEALTH_TIMEOUT_S = 300
 
 
@@ -74,6 +90,7 @@ class Plan:
     few_steps: tuple[int, ...]  # DPM-Solver++(2M) step counts evaluated besides PF-ODE
     serve_lr: int  # LR side of the image upscaled over HTTP
     workers: int = 2
+    shipped_pf_ode: bool = True  # evaluate the shipped model with PF-ODE too (besides FINE_TUNE_SETTING)
 
 
 # FULL: about 9 minutes on a quiet 2-core machine without a GPU (9 min 50 s with 200 diffusion steps), most of it
@@ -81,7 +98,7 @@ class Plan:
 FULL = Plan(encoder_steps=150, diffusion_steps=160, log_every=10, val_every=40, val_patch=128, eval_limit=3,
             few_steps=(4, 10), serve_lr=48)
 QUICK = Plan(encoder_steps=10, diffusion_steps=10, log_every=2, val_every=10, val_patch=64, eval_limit=1,
-             few_steps=(10,), serve_lr=16)
+             few_steps=(10,), serve_lr=16, shipped_pf_ode=False)
 
 
 class StageFailed(RuntimeError):
@@ -233,21 +250,25 @@ def split_own_images(uri: str, dest: Path) -> dict[str, int]:
     return {"train": len(ranked) - n_val, "val": n_val}
 
 
-def stage_configs(out: Path, plan: Plan) -> tuple[Path, Path]:
-    """The two training stages, configs/tiny_encoder.yaml and configs/tiny.yaml with the demo's step counts
-    (written to out/configs for the record)."""
+def stage_configs(out: Path, plan: Plan, from_scratch: bool = False) -> tuple[Path, Path]:
+    """The two training stages with the demo's step counts (written to out/configs for the record): the shipped
+    model's configs/pfsr_x4_small{_encoder,}.yaml with FINE_TUNE's settings, or from scratch
+    configs/tiny{_encoder,}.yaml."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = {"base": str(TINY_ENCODER_CONFIG),
-               "train": {"steps": plan.encoder_steps, "log_every": plan.log_every,
+    tune = {} if from_scratch else FINE_TUNE
+    encoder = {"base": str(TINY_ENCODER_CONFIG if from_scratch else SHIPPED_ENCODER_CONFIG), **tune,
+               "train": {**tune.get("train", {}), "steps": plan.encoder_steps, "log_every": plan.log_every,
                          "checkpoint_every": plan.encoder_steps}}
     # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
-    diffusion = {"base": str(TINY_CONFIG), "model": {"freeze_encoder": True},
-                 "train": {"stage": "diffusion", "steps": plan.diffusion_steps, "log_every": plan.log_every,
-                           "val_every": plan.val_every, "checkpoint_every": plan.val_every}}
+    diffusion = {"base": str(TINY_CONFIG if from_scratch else SHIPPED_CONFIG), "model": {"freeze_encoder": True},
+                 **({} if from_scratch else {"data": FINE_TUNE["data"]}),
+                 "train": {**tune.get("train", {}), "stage": "diffusion", "steps": plan.diffusion_steps,
+                           "log_every": plan.log_every, "val_every": plan.val_every,
+                           "checkpoint_every": plan.val_every}}
     paths = folder / "encoder.yaml", folder / "diffusion.yaml"
     for path, cfg in zip(paths, (encoder, diffusion)):
-        path.write_text("# written by `pfsr demo`\n" + json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
+        path.write_text("# written by `pfsr demo`\n" + yaml.safe_dump(cfg, sort_keys=False))
     return paths
 
 
@@ -321,6 +342,7 @@ def serve_and_upscale(pipe: Pipeline, checkpoint: Path, ray_address: str, val_di
         try:
             base = f"http://127.0.0.1:{port}"
             wait_healthy(f"{base}/healthz", proc, HEALTH_TIMEOUT_S)
+            print(f"  web page: {base}/ (open it while this stage runs)", flush=True)
             body, lr, hr = serve_request_image(val_dir, plan.serve_lr, scale)
             url = f"{base}/upscale?sampler=dpmpp_2m&steps=10&seed=0"
             print(f"  POST {url} ({lr.shape[1]}x{lr.shape[0]} PNG)", flush=True)
@@ -365,7 +387,9 @@ def local_cluster(pipe: Pipeline) -> Iterator[str]:
     temp_dir = tempfile.mkdtemp(prefix="pfsr-demo-ray-")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    cluster_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Serve's proxies on this cluster load PF-SR's layer (body cap, replay of a lost replica's request, JSON 503s).
+    cluster_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                   **proxy_env(ServeConfig())}
     # Logical CPUs, not cores: the stages run one after another, and Ray Train's 2 workers plus Ray Data's
     # tasks must fit on a 2-core machine (each worker sets its own torch threads).
     # The dashboard also serves the State API, which Ray Train's placement-group cleaner polls.
@@ -416,16 +440,48 @@ def _raise_interrupt(signum, frame):
 # The demo
 
 def evaluations(plan: Plan, shipped: bool) -> list[tuple[str, str, list[str]]]:
-    """(name, checkpoint key, sampler flags) of every evaluation: the demo model with PF-ODE and each few-step
-    setting, the shipped model with the few-step solver at 10 steps."""
-    runs = [("demo-pf_ode", "demo", ["--sampler", "pf_ode"])]
-    runs += [(f"demo-dpmpp_2m-{n}", "demo", ["--sampler", "dpmpp_2m", "--steps", str(n)]) for n in plan.few_steps]
+    """(name, checkpoint key, sampler flags) of every evaluation: the shipped model first, with the few-step
+    solver at 10 steps (FINE_TUNE_SETTING) and PF-ODE (not in QUICK), then the demo model with PF-ODE and each few-step setting."""
+    runs = []
     if shipped:
         runs += [("shipped-dpmpp_2m-10", "shipped", ["--sampler", "dpmpp_2m", "--steps", "10"])]
+        runs += [("shipped-pf_ode", "shipped", ["--sampler", "pf_ode"])] if plan.shipped_pf_ode else []
+    runs += [("demo-pf_ode", "demo", ["--sampler", "pf_ode"])]
+    runs += [(f"demo-dpmpp_2m-{n}", "demo", ["--sampler", "dpmpp_2m", "--steps", str(n)]) for n in plan.few_steps]
     return runs
 
 
-def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
+def model_descriptions(from_scratch: bool, shipped: Optional[Path], plan: Plan) -> dict[str, str]:
+    """What each evaluated model is, in words (the report's labels)."""
+    trained = (f"{plan.encoder_steps} encoder and {plan.diffusion_steps} diffusion steps on the demo's training "
+               "photos")
+    shipped_text = ("the shipped model (models/pfsr_x4_small.pt, configs/pfsr_x4_small*.yaml), as distributed"
+                    + ("" if from_scratch else ": the demo's model before its training"))
+    demo_text = (f"the demo model trained from scratch (random weights, configs/tiny*.yaml) for {trained}"
+                 if from_scratch else f"the demo model: the shipped model fine-tuned for {trained}")
+    return {**({"shipped": shipped_text} if shipped else {}), "demo": demo_text}
+
+
+def check_fine_tuning(out: Path, tolerance_db: float = FINE_TUNE_TOLERANCE_DB) -> dict[str, Any]:
+    """Compare PSNR-Y of the demo model (after) with the shipped model it started from (before) at
+    FINE_TUNE_SETTING on the same images -> fine_tuning.json; StageFailed when after < before - tolerance_db."""
+    before, after = (json.loads((out / "eval" / f"{owner}-{FINE_TUNE_SETTING}" / "metrics.json").read_text())
+                     for owner in ("shipped", "demo"))
+    result = {"setting": FINE_TUNE_SETTING, "n_images": after["n_images"],
+              "before_psnr_y": before["model"]["psnr_y"], "after_psnr_y": after["model"]["psnr_y"],
+              "tolerance_db": tolerance_db}
+    result["delta_db"] = result["after_psnr_y"] - result["before_psnr_y"]
+    result["ok"] = result["delta_db"] >= -tolerance_db
+    (out / "fine_tuning.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"  PSNR-Y {result['before_psnr_y']:.2f} dB before, {result['after_psnr_y']:.2f} dB after fine-tuning "
+          f"({result['delta_db']:+.2f} dB; the demo fails below -{tolerance_db} dB)", flush=True)
+    if not result["ok"]:
+        raise StageFailed("check fine-tuning", f"fine-tuning lost {-result['delta_db']:.2f} dB PSNR-Y at "
+                                               f"{FINE_TUNE_SETTING} (more than {tolerance_db} dB)")
+    return result
+
+
+def run_demo(out: Path, plan: Plan, data: Optional[str] = None, from_scratch: bool = False) -> int:
     import torch
 
     from ..config import load_config
@@ -434,6 +490,9 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     workers = min(plan.workers, gpus) if gpus else plan.workers  # one GPU per worker
     shipped = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
+    if shipped is None and not from_scratch:
+        raise InputError(f"the demo fine-tunes the shipped model {DEFAULT_CHECKPOINT}, which is missing: restore it "
+                         "(git checkout models/) or run `pfsr demo --from-scratch`")
     for name in OUTPUTS:  # only what an earlier demo wrote here
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -441,19 +500,21 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
     evals = evaluations(plan, shipped is not None)
     # Ray Data's progress bars redraw in place, which in a pipe makes a line per redraw; the stages log progress.
     env = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    pipe = Pipeline(out=out, total=8 + len(evals), env=env)
+    pipe = Pipeline(out=out, total=8 + len(evals) + (not from_scratch), env=env)
     info = {"data": data or "scikit-image photos (" + ", ".join(PHOTOS) + f"; val: {', '.join(VAL_PHOTOS)})",
             "quick": plan is QUICK, "plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine_info(), "gpus": gpus, "workers": workers}
+            "machine": machine_info(), "gpus": gpus, "workers": workers, "from_scratch": from_scratch,
+            "models": model_descriptions(from_scratch, shipped, plan)}
     print(f"PF-SR demo -> {out} ({'quick' if plan is QUICK else 'full'} run, {f'{gpus} GPU' if gpus else 'CPU'}; "
-          f"shipped model: {shipped or 'not found'})", flush=True)
+          f"{'from scratch' if from_scratch else 'fine-tuning'} the shipped model: {shipped or 'not found'})",
+          flush=True)
     status, failed = "failed", None
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
     try:
         with pipe.stage("data"):
             counts = split_own_images(data, out / "data") if data else write_photos(out / "data")
             print(f"  {counts['train']} training and {counts['val']} validation images in {out / 'data'}", flush=True)
-        encoder_cfg, diffusion_cfg = stage_configs(out, plan)
+        encoder_cfg, diffusion_cfg = stage_configs(out, plan, from_scratch)
         scale = load_config(diffusion_cfg).model.scale
         with local_cluster(pipe) as address:
             ray_flag = ["--ray-address", address]
@@ -468,7 +529,7 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
             train_flags = ["--data", str(shards / "train"), "--workers", str(workers), "--storage", str(runs),
                            *(["--gpu"] if gpus else []), *ray_flag]
             pipe.run("train encoder", ["train", "--config", str(encoder_cfg), "--name", "demo-encoder",
-                                       *train_flags])
+                                       *([] if from_scratch else ["--init", str(shipped)]), *train_flags])
             pipe.run("train diffusion", ["train", "--config", str(diffusion_cfg), "--name", "demo-diffusion",
                                          "--val-data", str(shards / "val"), "--init", str(runs / "demo-encoder"),
                                          *train_flags])
@@ -483,6 +544,9 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None) -> int:
                                               "--limit", str(plan.eval_limit), *sampler,
                                               *(["--gpus-per-replica", "1"] if gpus else []), *ray_flag])
             serve_and_upscale(pipe, model, address, out / "data" / "val", plan, scale)
+        if not from_scratch:
+            with pipe.stage("check fine-tuning"):
+                check_fine_tuning(out)
         status = "ok"
     except StageFailed as e:
         failed = e.stage
@@ -521,4 +585,4 @@ def write_report(out: Path, timings: dict[str, Any]) -> Optional[Path]:
 
 
 def run_cli(args) -> int:
-    return run_demo(Path(args.out).resolve(), QUICK if args.quick else FULL, args.data)
+    return run_demo(Path(args.out).resolve(), QUICK if args.quick else FULL, args.data, args.from_scratch)

@@ -37,8 +37,9 @@ from ..degradation import degrade, to_uint8, upsample
 from ..errors import InputError
 from ..features import LPIPS, VGG16_FILE, find_backbone_weights
 from ..images import decode_image, is_image_name
-from ..inference import regress_tiled, resolve_device
+from ..inference import check_sampler, regress_tiled, resolve_device
 from ..metrics import gradient_energy, image_metrics
+from ..models.adaptive import describe_config
 from ..sampling import SAMPLERS
 from .batching import SolverSettings, WorkItem, plan_groups, run_group
 
@@ -229,10 +230,13 @@ def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def summarize(rows: list[dict[str, Any]], *, scale: int, settings: SolverSettings,
-              lpips_backbone: dict[str, Any]) -> dict[str, Any]:
-    """Per-image rows -> metrics.json (the issue's keys; lpips null when it was not measured)."""
+              lpips_backbone: dict[str, Any], diffusion_mean: str = "bicubic") -> dict[str, Any]:
+    """Per-image rows -> metrics.json (the issue's keys; lpips null when it was not measured). diffusion_mean:
+    the checkpoint's diffusion.mean (what its residual is taken against)."""
     report: dict[str, Any] = {"n_images": len(rows), "scale": scale, "sampler": settings.method,
-                              "steps": settings.steps}
+                              "steps": settings.steps, "diffusion_mean": diffusion_mean}
+    if settings.order is not None:
+        report["order"] = settings.order
     for section in SECTIONS:
         report[section] = {k: _mean([r[f"{section}_{k}"] for r in rows]) for k in QUALITY_KEYS}
     report["model"]["nfe"] = _mean([r["nfe"] for r in rows])
@@ -270,7 +274,8 @@ def _label(report: dict[str, Any]) -> str:
         return f"pf_ode dopri5 rtol {report.get('rtol', 1e-4):g}"
     if report["sampler"] == "pf_ode":
         return f"pf_ode rk4 {report['steps']} steps"
-    return f"{report['sampler']} {report['steps']} steps"
+    order = f" order {report['order']}" if report.get("order") is not None else ""
+    return f"{report['sampler']}{order} {report['steps']} steps"
 
 
 def plot_quality_vs_nfe(dirs: Sequence[str], out_png: str) -> dict[str, list[dict[str, Any]]]:
@@ -341,8 +346,9 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
         raise InputError(f"--checkpoint {checkpoint} does not exist")
     # the whole model once here: a damaged checkpoint fails now with its name, not in every replica
     ckpt = load(storage.read_bytes(checkpoint), name=checkpoint)
-    model_from_checkpoint(ckpt, name=checkpoint)
+    model = model_from_checkpoint(ckpt, name=checkpoint)
     config = ckpt["config"]
+    check_sampler(settings.method, settings.steps, settings.order, has_inverter=model.inverter is not None)
     ckpt_scale = config["model"]["scale"]
     if scale is not None and scale != ckpt_scale:
         raise InputError(f"--scale {scale} does not match the checkpoint's scale x{ckpt_scale}")
@@ -393,7 +399,9 @@ def evaluate(*, checkpoint: str, data: str, out: str, settings: SolverSettings, 
     elapsed = time.perf_counter() - t0
     if not rows:
         raise InputError(f"--data {data}: nothing to evaluate")
-    report = summarize(rows, scale=ckpt_scale, settings=settings, lpips_backbone=backbone)
+    report = summarize(rows, scale=ckpt_scale, settings=settings, lpips_backbone=backbone,
+                       diffusion_mean=config["diffusion"].get("mean", "bicubic"))
+    report["adaptive_condition"] = describe_config(config["model"])  # seed 004: the prior of the code, or null
     write_reports(out, rows, report)
     log.info("%d images in %.1f s (%.2f images/s)", len(rows), elapsed, len(rows) / elapsed)
     return report
@@ -421,7 +429,8 @@ def _input_error(e: BaseException) -> Optional[InputError]:
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    lines = [f"{report['n_images']} images, x{report['scale']}, {_label(report)}"]
+    lines = [f"{report['n_images']} images, x{report['scale']}, {_label(report)}, diffusion mean "
+             f"{report.get('diffusion_mean', 'bicubic')}"]
     for section in SECTIONS:
         m = report[section]
         lpips = "null" if m["lpips"] is None else f"{m['lpips']:.4f}"
@@ -435,7 +444,8 @@ def run_cli(args) -> int:
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    settings = SolverSettings(method=args.sampler, steps=args.steps, rtol=args.rtol, atol=args.atol)
+    settings = SolverSettings(method=args.sampler, steps=args.steps, rtol=args.rtol, atol=args.atol,
+                              order=args.order)
     if not ray.is_initialized():
         ray.init(address=args.ray_address)
     report = evaluate(checkpoint=args.checkpoint, data=args.data, out=args.out, settings=settings,

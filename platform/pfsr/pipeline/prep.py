@@ -45,7 +45,7 @@ import ray
 
 import pfsr
 
-from .. import images, storage
+from .. import images, masks, storage
 from ..errors import InputError
 
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ TAR_MTIME = 0  # fixed tar header fields: byte-identical shards on every run and
 MANIFEST_SCHEMA = pa.schema([("split", pa.string()), ("key", pa.string()), ("shard", pa.string()),
                              ("source", pa.string()), ("crop", pa.list_(pa.int32())), ("sha256", pa.string()),
                              ("width", pa.int32()), ("height", pa.int32()), ("label", pa.string()),
-                             ("notes", pa.string())])
+                             ("notes", pa.string()), ("mask", pa.string())])
 REJECTED_SCHEMA = pa.schema([("split", pa.string()), ("source", pa.string()), ("reason", pa.string())])
 
 
@@ -80,6 +80,8 @@ class Options:
     shard_size_mb: float
     min_shards: int
     format: str
+    masks: str = "none"  # seed 002: a segmenter of pfsr.masks.SEGMENTERS, "file" (masks_from) or "none"
+    masks_from: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,22 +299,53 @@ def _write_shard(row: dict, *, source: str, out: str, opts: dict) -> dict:
                 rejected.append({"source": path, "reason": f"size mismatch: decoded {width}x{height}, header "
                                                            f"{item['width']}x{item['height']}"})
                 continue
+            try:
+                labels = _image_mask(decoded.rgb, path, opts)
+            except masks.MaskRejected as e:
+                rejected.append({"source": path, "reason": e.reason})
+                continue
             for index, box, key in item["crops"]:
                 data = images.encode_image(images.crop(decoded.rgb, box), fmt)
                 meta = {"key": key, "source": path, "crop": box, "original_size": [width, height],
                         "label": item["label"], "notes": decoded.notes, "split": split}
+                mask_member = _mask_member(key, labels)
+                if mask_member:
+                    meta["mask"] = mask_member
                 # Members of one sample stay next to each other: Ray's reader splits samples that are not.
                 _tar_add(tf, f"{key}.{fmt}", data)
                 _tar_add(tf, f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+                if mask_member:
+                    _tar_add(tf, mask_member, masks.encode_label_png(images.crop(labels, box)))
                 manifest.append({"split": split, "key": key, "shard": plan["name"], "source": path, "crop": box,
                                  "sha256": hashlib.sha256(data).hexdigest(), "width": box[2] - box[0],
-                                 "height": box[3] - box[1], "label": item["label"], "notes": "; ".join(decoded.notes)})
+                                 "height": box[3] - box[1], "label": item["label"], "notes": "; ".join(decoded.notes),
+                                 "mask": mask_member})
     tar_bytes = buf.getvalue()
     storage.write_bytes(storage.join(out, plan["name"]), tar_bytes)
     record = {"shard": plan["name"], "manifest": manifest, "rejected": rejected, "bytes": len(tar_bytes)}
     storage.write_bytes(_record_uri(out, split, plan["name"]), json.dumps(record, sort_keys=True).encode())
     return {"shard": plan["name"], "samples": len(manifest), "images": len(plan["items"]) - len(rejected),
             "rejected": len(rejected), "bytes": len(tar_bytes)}
+
+
+def _image_mask(rgb, path: str, opts: dict):
+    """Seed 002: the label mask [H x W] of a whole image (before sub-images are cut), or None without masks.
+    Raises masks.MaskRejected for a missing, unreadable or mis-sized user mask."""
+    masks_from = opts.get("masks_from")
+
+    def read(name: str):  # the user's mask beside the image's relative path: same stem, .png, .npy or .json
+        stem = name.rsplit(".", 1)[0]
+        for ext in masks.MASK_FILE_EXTENSIONS:
+            uri = storage.join(masks_from, stem + ext)
+            if storage.is_file(uri):
+                return stem + ext, storage.read_bytes(uri)
+        return None
+
+    return masks.mask_for_image(rgb, path, masks=opts.get("masks", "none"), masks_from=masks_from, read=read)
+
+
+def _mask_member(key: str, labels) -> str | None:
+    return f"{key}.{masks.MASK_MEMBER}" if labels is not None else None
 
 
 def _record_uri(out: str, split: str, name: str) -> str:
@@ -551,16 +584,18 @@ def _finish(out: str, source: str, opts: Options, fingerprint: str, plans: list[
 def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", patch: int = 480, step: int = 240,
          min_size: int = 64, max_pixels: int = images.DEFAULT_MAX_PIXELS, shard_size_mb: float = 256,
          min_shards: int = 8, fmt: str = "png", concurrency: int | None = None,
-         ray_address: str | None = None) -> dict:
+         ray_address: str | None = None, masks_source: str = "none", masks_from: str | None = None) -> dict:
     """Shard `source` into `out` (see the module docstring); returns the split's entry of dataset.json."""
     t0 = time.perf_counter()
     if patch < 0 or (patch and step <= 0):
         raise InputError(f"--patch {patch} --step {step}: need patch >= 0 (0 keeps images whole) and step > 0")
     if min_shards < 1 or shard_size_mb <= 0:
         raise InputError("--min-shards must be >= 1 and --shard-size-mb positive")
+    masks_source, masks_from = _check_masks(masks_source, masks_from)
     layout, files, listing_rejected = _list_source(source, layout, split)
     opts = Options(layout=layout, split=split, patch=patch, step=step, min_size=min_size, max_pixels=max_pixels,
-                   shard_size_mb=float(shard_size_mb), min_shards=min_shards, format=fmt)
+                   shard_size_mb=float(shard_size_mb), min_shards=min_shards, format=fmt, masks=masks_source,
+                   masks_from=masks_from)
     fingerprint = _fingerprint(opts, files)
 
     progress = storage.join(out, PROGRESS, split)
@@ -604,9 +639,23 @@ def prep(source: str, out: str, *, layout: str = "auto", split: str = "train", p
     return entry
 
 
+def _check_masks(masks_source: str, masks_from: str | None) -> tuple[str, str | None]:
+    """--masks / --masks-from -> (mask source of Options, absolute masks folder)."""
+    if masks_from:
+        if masks_source not in ("none", "file"):
+            raise InputError(f"--masks {masks_source} and --masks-from: choose one source of masks")
+        if not storage.exists(masks_from):
+            raise InputError(f"--masks-from {masks_from} does not exist")
+        return "file", masks_from if storage.is_s3(masks_from) else storage.resolve(masks_from)[1]
+    if masks_source not in ("none", *masks.SEGMENTERS):
+        raise InputError(f"--masks {masks_source}: choose none, {', '.join(masks.SEGMENTERS)} (or --masks-from DIR)")
+    return masks_source, None
+
+
 def run_cli(args: argparse.Namespace) -> int:
     prep(args.source, args.out, layout=args.layout, split=args.split, patch=args.patch, step=args.step,
          min_size=args.min_size, max_pixels=args.max_pixels, shard_size_mb=args.shard_size_mb,
-         min_shards=args.min_shards, fmt=args.format, concurrency=args.concurrency, ray_address=args.ray_address)
+         min_shards=args.min_shards, fmt=args.format, concurrency=args.concurrency, ray_address=args.ray_address,
+         masks_source=args.masks, masks_from=args.masks_from)
     return 0
 

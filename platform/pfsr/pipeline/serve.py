@@ -1,9 +1,12 @@
-"""Ray Serve endpoint: `POST /upscale` (PNG or JPEG bytes -> the upscaled PNG) and `GET /healthz`.
+"""Ray Serve endpoint: `POST /upscale` (PNG or JPEG bytes -> the upscaled PNG), `GET /healthz`, and `GET /`: a
+public web page (pfsr/assets/index.html) that uploads an image to /upscale and shows the result beside bicubic.
 
 Query parameters of /upscale: `sampler` (a key of pfsr.sampling.SAMPLERS, default serve.default_sampler),
-`steps` (fixed-step samplers; default serve.default_steps; pf_ode without steps is adaptive dopri5), `rtol` and
-`atol` (adaptive pf_ode only), `seed` (default 0). The response carries X-PFSR-NFE, X-PFSR-Seconds (solver time
-of its batch) and X-PFSR-Batch (how many requests shared the solve).
+`steps` (fixed-step samplers; default serve.default_steps for the default sampler, else the sampler's own default,
+pfsr.sampling.DEFAULT_STEPS; pf_ode without steps is adaptive dopri5; invsr takes 1-5 and a checkpoint with an
+inverter), `order` (mrs_sde only: 1 or 2, default 2), `rtol` and `atol` (adaptive pf_ode only), `seed` (default 0).
+The response carries X-PFSR-NFE, X-PFSR-Seconds (solver time of its batch) and X-PFSR-Batch (how many requests
+shared the solve).
 
 Batching: requests meet in `@serve.batch` (serve.max_batch_size, serve.batch_wait_timeout_s) and are grouped by
 (sampler settings, size bucket) in `pfsr.pipeline.batching`: each request keeps its own seed and padding, adaptive
@@ -34,7 +37,7 @@ import torch
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -44,8 +47,8 @@ from ..checkpoint import load_model
 from ..config import ConfigError, ServeConfig, load_config
 from ..errors import InputError
 from ..images import ImageRejected, decode_image, read_header
-from ..inference import resolve_device, to_image
-from ..sampling import SAMPLERS
+from ..inference import check_sampler, resolve_device, to_image
+from ..sampling import DEFAULT_STEPS, SAMPLERS
 from .batching import SolverSettings, WorkItem, effective_bucket, plan_groups, run_group
 from .proxy import max_body_bytes, proxy_env
 
@@ -55,7 +58,7 @@ DEPLOYMENT_NAME = "PFSRUpscaler"  # cluster/serve.yaml's deployments: entry over
 ACCEPTED_TYPES = {"image/png", "image/jpeg", "image/jpg"}
 SNIFFED_TYPES = {"", "application/octet-stream"}  # no declared type: the image header decides
 ACCEPTED_FORMATS = {"PNG", "JPEG"}
-QUERY_PARAMS = ("sampler", "steps", "rtol", "atol", "seed")
+QUERY_PARAMS = ("sampler", "steps", "rtol", "atol", "seed", "order")
 # dopri5 in float32 fails below ~1e-6 ("underflow in dt") and is meaningless above 1e-1.
 TOLERANCE_RANGE = (1e-5, 1e-1)
 MAX_SEED = 2**63 - 1
@@ -64,6 +67,18 @@ RETRY_AFTER_S = 1
 # the docs routes are the replica's own (below), behind the bearer token like /upscale
 api = FastAPI(title="PF-SR", description="Diffusion super-resolution (probability-flow sampling)", docs_url=None,
               redoc_url=None, openapi_url=None)
+
+
+def page_html(cfg: ServeConfig, scale: int) -> str:
+    """The web page (pfsr/assets/index.html) with this application's samplers, default sampler and steps, scale."""
+    from html import escape
+    from importlib import resources
+
+    options = "".join(f'<option value="{escape(name)}"{" selected" if name == cfg.default_sampler else ""}>'
+                      f"{escape(name)}</option>" for name in SAMPLERS)
+    page = resources.files("pfsr").joinpath("assets", "index.html").read_text(encoding="utf-8")
+    return (page.replace("__SAMPLER_OPTIONS__", options).replace("__DEFAULT_STEPS__", str(cfg.default_steps))
+            .replace("__SCALE__", str(scale)))
 
 
 class RequestError(Exception):
@@ -101,8 +116,10 @@ class Outcome:
     batch: int
 
 
-def parse_params(query: dict[str, str], cfg: ServeConfig) -> tuple[SolverSettings, int]:
-    """Query parameters -> (SolverSettings, seed); RequestError(400) names the parameter that is wrong."""
+def parse_params(query: dict[str, str], cfg: ServeConfig, *, has_inverter: bool = False
+                 ) -> tuple[SolverSettings, int]:
+    """Query parameters -> (SolverSettings, seed); RequestError(400) names the parameter that is wrong.
+    has_inverter: whether the served model can run sampler invsr."""
     unknown = sorted(set(query) - set(QUERY_PARAMS))
     if unknown:
         raise RequestError(400, f"unknown query parameter {unknown[0]!r}; known: {', '.join(QUERY_PARAMS)}")
@@ -126,9 +143,14 @@ def parse_params(query: dict[str, str], cfg: ServeConfig) -> tuple[SolverSetting
     rtol = number("rtol", float, *TOLERANCE_RANGE) if "rtol" in query else 1e-4
     atol = number("atol", float, *TOLERANCE_RANGE) if "atol" in query else 1e-4
     if steps is None and method != "pf_ode":
-        steps = cfg.default_steps
+        steps = cfg.default_steps if method == cfg.default_sampler else DEFAULT_STEPS[method]
+    order = number("order", int, -MAX_SEED, MAX_SEED) if "order" in query else None
+    try:
+        check_sampler(method, steps, order, has_inverter=has_inverter)
+    except InputError as e:
+        raise RequestError(400, str(e)) from None
     seed = number("seed", int, 0, MAX_SEED) if "seed" in query else 0
-    return SolverSettings(method=method, steps=steps, rtol=rtol, atol=atol), seed
+    return SolverSettings(method=method, steps=steps, rtol=rtol, atol=atol, order=order), seed
 
 
 def decode_upload(body: bytes, content_type: str, cfg: ServeConfig):
@@ -217,16 +239,22 @@ class Upscaler:
         torch.set_num_threads(max(1, int(cpus)))  # the replica's share, not every core of the node
         self.engine = Engine(checkpoint, self.cfg, device)
         self.token = os.environ.get(self.cfg.token_env) or None
+        self.page_html = page_html(self.cfg, self.engine.model.scale)
         self._solve.set_max_batch_size(self.cfg.max_batch_size)
         self._solve.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         log.info("PF-SR replica: %s on %s, x%d, batches of <= %d, bucket %d, auth %s", checkpoint,
                  self.engine.device, self.engine.model.scale, self.cfg.max_batch_size, self.engine.bucket,
                  "on" if self.token else "off")
 
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page_html)  # public: no token (the page asks for one and sends it to /upscale)
+
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "scale": self.engine.model.scale, "device": str(self.engine.device),
-                "default_sampler": self.cfg.default_sampler, "default_steps": self.cfg.default_steps}
+                "default_sampler": self.cfg.default_sampler, "default_steps": self.cfg.default_steps,
+                "inverter": self.engine.model.inverter is not None}
 
     @api.get("/openapi.json", include_in_schema=False)
     def openapi(self, request: Request) -> Response:
@@ -246,7 +274,8 @@ class Upscaler:
     async def upscale(self, request: Request) -> Response:
         try:
             self._authorize(request.headers.get("authorization", ""))
-            settings, seed = parse_params(dict(request.query_params), self.cfg)
+            settings, seed = parse_params(dict(request.query_params), self.cfg,
+                                          has_inverter=self.engine.model.inverter is not None)
             length = int(request.headers.get("content-length") or 0)
             if length > self._max_body_bytes():
                 raise RequestError(413, f"body of {length} bytes is larger than {self._max_body_bytes()} bytes")
@@ -259,8 +288,9 @@ class Upscaler:
             return outcome.response()
         headers = {"X-PFSR-NFE": str(outcome.nfe), "X-PFSR-Seconds": f"{outcome.seconds:.3f}",
                    "X-PFSR-Batch": str(outcome.batch), "X-PFSR-Sampler": settings.method}
-        if decoded.notes:
-            headers["X-PFSR-Notes"] = "; ".join(decoded.notes).encode("ascii", "replace").decode()
+        notes = decoded.notes + ([self.engine.model.adaptive.describe()] if self.engine.model.adaptive else [])
+        if notes:
+            headers["X-PFSR-Notes"] = "; ".join(notes).encode("ascii", "replace").decode()
         return Response(outcome.png, media_type="image/png", headers=headers)
 
     def _max_body_bytes(self) -> int:
@@ -353,7 +383,7 @@ def run_cli(args) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(checkpoint, cfg, ray_actor_options=actor_options), name="pfsr", route_prefix="/")
     print(f"PF-SR serving {checkpoint} at http://{args.host}:{args.port}/upscale (GET /healthz; bearer token "
-          f"{'required' if token else 'off'}); Ctrl-C to stop", flush=True)
+          f"{'required' if token else 'off'}); web page http://{args.host}:{args.port}/ ; Ctrl-C to stop", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`, docker stop: shut down as on Ctrl-C
     try:
         while True:

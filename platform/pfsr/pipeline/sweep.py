@@ -33,7 +33,7 @@ import math
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -216,6 +216,40 @@ def write_outputs(out: str, report: dict[str, Any]) -> list[str]:
     return [uri for uri, _ in files]
 
 
+def check_trial_resources(max_concurrent_trials: int, cpus_per_trial: float, gpus_per_trial: float) -> None:
+    if max_concurrent_trials < 0:
+        raise InputError(f"--max-concurrent-trials must be >= 0, got {max_concurrent_trials}")
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise InputError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {cpus_per_trial}, "
+                         f"{gpus_per_trial}")
+
+
+def default_tune_storage(out: str) -> str:
+    """OUT/tune for a local OUT; a temp dir for s3:// (Tune's own files need not go to the bucket)."""
+    return storage.join(out, "tune") if not storage.is_s3(out) else tempfile.mkdtemp(prefix="pfsr-tune-")
+
+
+def run_trials(trial: Callable[..., None], trial_kwargs: dict[str, Any], param_space: dict[str, Any], *, name: str,
+               storage_uri: str, max_concurrent_trials: int, cpus_per_trial: float, gpus_per_trial: float,
+               ray_address: Optional[str]) -> tuple["tune.ResultGrid", str]:
+    """One Ray Tune trial of the function trainable `trial(params, **trial_kwargs)` per point of param_space (grid
+    searches), with --cpus/--gpus-per-trial each, at most max_concurrent_trials at once (0: any number), actors
+    reused across trials. Shared by `pfsr sweep-c` and `pfsr compare`. -> (results, Tune run path)."""
+    filesystem, storage_path = storage.resolve(storage_uri)
+    _init_ray(ray_address)
+    trainable = tune.with_resources(tune.with_parameters(trial, **trial_kwargs),
+                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tuner = tune.Tuner(trainable, param_space=param_space,
+                       tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or None,
+                                                   reuse_actors=True),  # no process start and imports per trial
+                       run_config=tune.RunConfig(name=run_name, storage_path=storage_path,
+                                                 storage_filesystem=filesystem, verbose=1))
+    tune_path = storage.join(storage_uri, run_name)
+    log(f"Ray Tune run {tune_path}")
+    return tuner.fit(), tune_path
+
+
 def _default_val(config: Config, data: str) -> Optional[str]:
     if config.data.val:
         return config.data.val
@@ -234,13 +268,10 @@ def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] 
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps)).validate()
     if config.train.stage == "encoder":
         raise InputError("train.stage: sweep-c trains the diffusion (or quality) stage; the encoder stage has no c")
-    for flag, value, minimum in (("--bins", bins, 1), ("--error-crops", error_crops, 1),
-                                 ("--max-concurrent-trials", max_concurrent_trials, 0)):
+    for flag, value, minimum in (("--bins", bins, 1), ("--error-crops", error_crops, 1)):
         if value < minimum:
             raise InputError(f"{flag} must be >= {minimum}, got {value}")
-    if cpus_per_trial <= 0 or gpus_per_trial < 0:
-        raise InputError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {cpus_per_trial}, "
-                         f"{gpus_per_trial}")
+    check_trial_resources(max_concurrent_trials, cpus_per_trial, gpus_per_trial)
     data = _absolute(data)
     if not list_shards(data, "train"):
         raise InputError(f"--data {data}: no train-NNNNNN.tar shards (make them with `pfsr prep --split train`)")
@@ -248,9 +279,7 @@ def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] 
     if val_data and not storage.exists(val_data):
         raise InputError(f"--val-data {val_data} does not exist")
     out = out if storage.is_s3(out) else _absolute(out)
-    if storage_uri is None:
-        storage_uri = storage.join(out, "tune") if not storage.is_s3(out) else tempfile.mkdtemp(prefix="pfsr-tune-")
-    filesystem, storage_path = storage.resolve(storage_uri)
+    storage_uri = storage_uri or default_tune_storage(out)
 
     # The same crops, noise and validation images for every c: read once here, shipped through the object store.
     images = load_val_images(val_data or data, limit=max(error_crops, config.data.val_images),
@@ -259,23 +288,17 @@ def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] 
     val_images = images[:config.data.val_images] if val_data else []
     t_edges = noise_level_bins(sde_from_config(config.diffusion), bins).tolist()
 
-    _init_ray(ray_address)
     threads = config.train.torch_threads or max(1, int(cpus_per_trial))
-    trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, config=config.to_dict(), data=data, hr_crops=crops,
-                             val_images=val_images, t_edges=t_edges, threads=threads),
-        {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-    name = f"sweep-c-{time.strftime('%Y%m%d-%H%M%S')}"
-    tuner = tune.Tuner(trainable, param_space={"c": tune.grid_search(values)},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials or None,
-                                                   reuse_actors=True),  # no process start and imports per trial
-                       run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                                                 verbose=1))
     source = f"{len(crops)} {'held-out' if val_data else 'training'} HR crops of {config.data.crop} px"
     log(f"{len(values)} trials (c = {', '.join(f'{v:g}' for v in values)}), {config.train.steps} steps each, "
         f"{max_concurrent_trials or 'any number'} at a time; prediction error on {source}, {bins} t bins; "
-        f"val PSNR on {len(val_images)} image(s); Tune storage {storage.join(storage_uri, name)}")
-    grid = tuner.fit()
+        f"val PSNR on {len(val_images)} image(s)")
+    grid, tune_path = run_trials(
+        sweep_trial, dict(config=config.to_dict(), data=data, hr_crops=crops, val_images=val_images,
+                          t_edges=t_edges, threads=threads),
+        {"c": tune.grid_search(values)}, name="sweep-c", storage_uri=storage_uri,
+        max_concurrent_trials=max_concurrent_trials, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+        ray_address=ray_address)
 
     trials = sorted((_trial_row(r) for r in grid), key=lambda t: t["c"])
     report = {
@@ -285,7 +308,7 @@ def sweep(config: Config | str, *, data: str, out: str, val_data: Optional[str] 
                      "parametrization); val PSNR(Y) reported beside it, not used",
         "best_c": best_c(trials), "t_edges": t_edges, "steps": config.train.steps, "data": data,
         "val_data": val_data, "error_crops": len(crops), "dsm_target": config.loss.dsm_target, "trials": trials,
-        "tune_path": storage.join(storage_uri, name),
+        "tune_path": tune_path,
     }
     write_outputs(out, report)
     return report

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import pfsr
 
 from .. import storage
 from ..checkpoint import (BEST_METRIC, CHECKPOINT_FILE, checkpoint_dir_name, find_checkpoint, init_from, load,
-                          read_checkpoint, restore_state, save_checkpoint_dir, training_checkpoint)
+                          read_checkpoint, restore_state, save_checkpoint_dir, state_digest, training_checkpoint)
 from ..config import Config, ConfigError, config_from_dict, load_config
 from ..data import list_shards, load_val_images, loader_from_config
 from ..degradation import degrade, to_uint8
@@ -56,6 +55,7 @@ from ..train import TrainState, format_metrics, make_state, train_loop
 TENSORBOARD_DIR = "tensorboard"
 SCORE = "checkpoint/score"
 UNVALIDATED_SCORE = -1e9
+RESTORED_DIGEST = "run/restored_digest"  # state_digest of the state a restarted worker group restored
 
 
 def log(message: str) -> None:
@@ -127,15 +127,19 @@ def train_worker(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     config = config_from_dict(cfg["config"])
     tc = config.train
-    torch.set_num_threads(tc.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    # A thread count that does not depend on where the worker lands: float sums (and so the trained weights) do.
+    torch.set_num_threads(tc.torch_threads or max(1, int(cfg["cpus_per_worker"])))
     device = ray.train.torch.get_device()
 
-    restored = ray.train.get_checkpoint()  # set after a failure, and when a run of this name is resumed
-    if restored is not None:
-        with restored.as_directory() as folder:
-            state = _restore(load(Path(folder) / CHECKPOINT_FILE, kind="training"), config, device)
-    elif cfg["resume_from"]:
-        state = _restore(read_checkpoint(cfg["resume_from"], kind="training"), config, device)
+    restored, restored_digest = ray.train.get_checkpoint(), None  # set after a failure and on --resume
+    if restored is not None or cfg["resume_from"]:
+        if restored is not None:
+            with restored.as_directory() as folder:
+                state = _restore(load(Path(folder) / CHECKPOINT_FILE, kind="training"), config, device)
+        else:
+            state = _restore(read_checkpoint(cfg["resume_from"], kind="training"), config, device)
+        # Reported with every later checkpoint: a test compares it with the digest of the checkpoint restored.
+        restored_digest = state_digest(training_checkpoint(state, config))
     else:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         state = make_state(build_model(config), config)
@@ -146,7 +150,6 @@ def train_worker(cfg: dict) -> None:
         state.model.to(device)
         state.ema.to(device)
     start_step = state.step
-    torch.manual_seed(tc.seed * 100_003 + start_step * 1009 + rank)  # DSM noise: distinct per rank and restart
 
     positions = state.data_position.get("ranks") or [None]
     loader = loader_from_config(config, cfg["data"], rank=rank, world_size=world,
@@ -192,6 +195,8 @@ def train_worker(cfg: dict) -> None:
         # The score CheckpointConfig ranks by: val/psnr_y, or below any PSNR for a checkpoint without validation
         # (finite: Ray's run snapshot stores NaN as null and then fails to restore the run).
         metrics[SCORE] = metrics.get(BEST_METRIC, UNVALIDATED_SCORE)
+        if restored_digest:
+            metrics[RESTORED_DIGEST] = restored_digest
         _upload_tensorboard(writer.log_dir, cfg["filesystem"], cfg["run_path"])
         with tempfile.TemporaryDirectory(prefix="pfsr-ckpt-") as folder:
             save_checkpoint_dir(folder, training_checkpoint(state, config, metrics))
@@ -199,7 +204,8 @@ def train_worker(cfg: dict) -> None:
                              checkpoint_dir_name=name)
 
     if state.step < tc.steps:
-        train_loop(state, config, loader, objective=objective, device=device, on_log=on_log)
+        train_loop(state, config, loader, objective=objective, device=device, on_log=on_log,
+                   noise_seed=(tc.seed, rank))
     if writer is not None:
         writer.close()
         _upload_tensorboard(writer.log_dir, cfg["filesystem"], cfg["run_path"])
@@ -296,7 +302,7 @@ def train(config: Config | str | Path, *, data: Optional[str] = None, val_data: 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "data": data, "val_data": val_data, "init": init_uri,
-                           "resume_from": resume_from, "filesystem": filesystem,
+                           "resume_from": resume_from, "filesystem": filesystem, "cpus_per_worker": cpus_per_worker,
                            "run_path": f"{storage_path}/{name}"},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
