@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH.parent))  # the scenarios live beside the tests tha
 
 import torch  # noqa: E402
 
-from _common import PHOTOS, load_photos, write_result  # noqa: E402
+from _common import PHOTOS, load_photos, run_benchmark, write_result  # noqa: E402
 from pfsr.checkpoint import save, serving_checkpoint, training_checkpoint  # noqa: E402
 from pfsr.config import load_config  # noqa: E402
 from pfsr.models.sr import build_model  # noqa: E402
@@ -138,4 +138,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -14,7 +14,6 @@ page, plot and table beside it (methods.html, methods.png, methods.csv).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile

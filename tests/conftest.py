@@ -19,6 +19,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module of small tensors: more only spin against each other on 2 shared
+    cores (modules opt in with pytestmark = pytest.mark.usefixtures("one_torch_thread"))."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint; the AWS_* variables point boto3, pyarrow and Ray workers at it."""

@@ -3,7 +3,6 @@ the U-Net, the histogram and LR priors, one exact ODE step with the oracle code 
 a checkpoint through export, `pfsr upscale` and the notes it records."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,7 @@ SMALL = {"model.rrdb_num_feat": 8, "model.rrdb_num_block": 2, "model.rrdb_num_gr
          "train.log_every": 1, "model.adaptive_condition_dims": 6, "model.adaptive_condition_levels": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 def _config(prior: str = "histogram", **over):

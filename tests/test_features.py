@@ -25,13 +25,7 @@ TORCHVISION_VGG19_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128),
 TORCHVISION_CLASSIFIER = {0: (25088, 4096), 3: (4096, 4096), 6: (4096, 1000)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spinning on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 def torchvision_state_dict(convs: dict[int, tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:

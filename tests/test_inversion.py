@@ -26,12 +26,7 @@ SDE = VPSDE()
 T_STAR = 0.1942  # configs' first t* (SD-Turbo's t = 250 by SNR)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 def gaussian_problem():

@@ -19,13 +19,7 @@ from pfsr.metrics import gradient_energy, image_metrics, psnr, rgb_to_y, ssim
 SKIMAGE_TOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster for these sizes on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 def bicubic_x4(hr: np.ndarray) -> np.ndarray:

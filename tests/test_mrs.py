@@ -20,12 +20,7 @@ SDE = VPSDE()
 K = 5.0  # residual_scale: lambda = 1 / k
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 class Gaussian:

@@ -48,13 +48,7 @@ class Gaussian:
         return a0 * self.m + std0 * (x_T - a1 * self.m) / std1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 @pytest.fixture

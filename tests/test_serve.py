@@ -18,7 +18,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from pfsr.cli import main
 from pfsr.config import ConfigError, ServeConfig
 from pfsr.pipeline.serve import DEPLOYMENT_NAME, Engine, Job, RequestError, app_builder, build_app, serve_config
 from pfsr.pipeline.batching import SolverSettings, WorkItem

@@ -28,13 +28,7 @@ from pfsr.train import make_state, train_loop
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the machine's cores are shared."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (conftest)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pfsr.checkpoint import find_checkpoint, read_checkpoint, state_digest
 from pfsr.cli import main
 from pfsr.config import load_config
 from pfsr.pipeline.train import RESTORED_DIGEST
+from tests.multinode import cmdline, descendants, parents
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -141,36 +142,6 @@ def test_resume_continues_the_named_run(trained_run, shards):
     assert all(p["samples_seen"] == 35 * 4 for p in latest["data_position"]["ranks"])
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process (from /proc)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                out[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    parents = _parents()
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        children = [p for p, pp in parents.items() if pp == parent]
-        out += children
-        todo += children
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _wait_for(predicate, timeout: float, what: str, alive: threading.Thread | None = None,
               interval: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
@@ -199,9 +170,9 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
     # Ray has registered the first checkpoint once its snapshot names it: only then is it the one to restore.
     _wait_for(lambda: storage.is_file(snapshot) and b"checkpoint_000005" in storage.read_bytes(snapshot), 300,
               "the first checkpoint", alive=thread)
-    named = {p for p in _descendants(os.getpid()) if "RayTrainWorker" in _cmdline(p)}
-    parents = _parents()
-    workers = [p for p in named if parents.get(p) not in named]  # not their DataLoader processes (forks)
+    named = {p for p in descendants(os.getpid()) if "RayTrainWorker" in cmdline(p)}
+    parent_of = parents()
+    workers = [p for p in named if parent_of.get(p) not in named]  # not their DataLoader processes (forks)
     assert len(workers) == 2, workers
     restored_from = max(map(int, re.findall(rb"checkpoint_(\d{6})", storage.read_bytes(snapshot))))
     os.kill(max(workers), signal.SIGKILL)
@@ -262,13 +233,13 @@ def ray_head(s3_endpoint, tmp_path_factory):
         assert head.poll() is None, Path(log.name).read_text()[-3000:]
         yield address, env
     finally:
-        started = _descendants(head.pid)
+        started = descendants(head.pid)
         head.send_signal(signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        for pid in _descendants(head.pid) + started:  # anything of ours still running after the head stopped
+        for pid in descendants(head.pid) + started:  # anything of ours still running after the head stopped
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

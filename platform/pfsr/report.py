@@ -430,7 +430,7 @@ def build_report(out: str | Path) -> Path:
             (out / name).write_bytes(png)
 
     status = timings.get("status", "unknown")
-    status_html = (f"<span class='ok'>completed</span>" if status == "ok" else
+    status_html = ("<span class='ok'>completed</span>" if status == "ok" else
                    f"<span class='bad'>{html.escape(status)}"
                    + (f" in stage {html.escape(timings['failed_stage'])}" if timings.get("failed_stage") else "")
                    + "</span>")
