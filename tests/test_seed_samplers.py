@@ -149,4 +149,4 @@ def test_http_requests_to_serve(ray_cluster, inversion_checkpoint, photos):
             r = post(params)
             assert r.status_code == 400 and message in r.json()["error"], r.text
     finally:
-        serve.delete("pfsr-seeds")
+        serve.shutdown()  # the next module starts Serve on a port of its own

@@ -160,6 +160,17 @@ def process_rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def process_peak_rss_bytes() -> int:
+    """The peak resident memory of this process (Linux /proc VmHWM, which execve resets; getrusage's ru_maxrss
+    keeps the peak of the process before exec, such as a large parent's), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
 @dataclass(frozen=True)
 class TilePlan:
     tile: int  # LR tile side

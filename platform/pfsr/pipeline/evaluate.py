@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import resource
 import time
 import zlib
 from typing import Any, Iterator, Optional, Sequence
@@ -37,7 +36,7 @@ from ..degradation import degrade, to_uint8, upsample
 from ..errors import InputError
 from ..features import LPIPS, VGG16_FILE, find_backbone_weights
 from ..images import decode_image, is_image_name
-from ..inference import check_sampler, regress_tiled, resolve_device
+from ..inference import check_sampler, process_peak_rss_bytes, regress_tiled, resolve_device
 from ..metrics import gradient_energy, image_metrics
 from ..models.adaptive import describe_config
 from ..sampling import SAMPLERS
@@ -169,7 +168,7 @@ class SRReplica:
                     rows.setdefault(f"{name}_{metric}", []).append(value)
             rows["grid_png"].append(render_grid(keys[i], as_u8, hr_u8, found, self.settings, nfes[i], s)
                                     if batch["grid"][i] else b"")
-            rows["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KB
+            rows["peak_rss_mb"].append(process_peak_rss_bytes() / 2**20)
             log.info("%s: %dx%d, %s %d NFE, %.1f s, PSNR(Y) %.2f dB, peak RSS %.0f MB", keys[i], hr_u8.shape[1],
                      hr_u8.shape[0], self.settings.method, nfes[i], seconds[i], found["model"]["psnr_y"],
                      rows["peak_rss_mb"][-1])
