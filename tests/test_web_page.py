@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ from pfsr.config import ServeConfig
 from pfsr.degradation import to_uint8, upsample
 from pfsr.pipeline.serve import build_app
 from pfsr.sampling import SAMPLERS
+from tests.multinode import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -28,12 +28,6 @@ PREFIX = "/mounted/pfsr"  # the page must find /upscale next to itself, wherever
 SERVE = dict(max_batch_size=1, max_pixels=48 * 48, tile=32, tile_overlap=8, size_bucket=8, max_nfe=40,
              token_env="PFSR_PAGE_TOKEN", min_replicas=1, max_replicas=1)
 SCREENSHOT_DIR = os.environ.get("PFSR_SCREENSHOT_DIR")  # keep the screenshot (for looking at it)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def browser():
 def page_url(ray_cluster, tiny_checkpoint):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     token_env = {"runtime_env": {"env_vars": {"PFSR_PAGE_TOKEN": TOKEN}}}
     serve.run(build_app(str(tiny_checkpoint), ServeConfig(**SERVE), ray_actor_options=token_env),
