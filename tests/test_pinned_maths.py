@@ -24,7 +24,7 @@ from pfsr.diffusion import VPSDE, append_dims
 from pfsr.losses import LaplacianPyramidDistance, TrainingObjective, dsm_loss, quality_loss
 from pfsr.models import build_model
 from pfsr.sampling import sample, sample_pf_ode, sample_unipc
-from pfsr.train import ema_update, lr_lambda, make_state
+from pfsr.train import ema_decay_at, ema_update, lr_lambda, make_state
 
 # ------------------------------------------------------------------------------------------------------------------
 # numpy reference of the solvers (float64), independent of pfsr.
@@ -419,6 +419,15 @@ def test_ema_update_is_decay_times_old_plus_rest_times_new():
     ema_update(old, new, 0.9)
     for b, p, e in zip(before, new.parameters(), old.parameters()):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach(), rtol=1e-14, atol=1e-14)
+
+
+def test_ema_decay_warms_up_as_tensorflows_num_updates():
+    config = config_from_dict({"train": {"ema_decay": 0.999}})
+    # (1 + n) / (10 + n) until it passes 0.999 (n = 8991)
+    assert [ema_decay_at(n, config) for n in (0, 1, 90, 8990, 8991, 10**6)] == [0.1, 2 / 11, 0.91, 8991 / 9000,
+                                                                              0.999, 0.999]
+    config.train.ema_warmup = False
+    assert ema_decay_at(0, config) == 0.999
 
 
 def test_lr_schedule_warms_up_linearly_then_steps_down():

@@ -81,6 +81,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+def ema_decay_at(step: int, config: Config) -> float:
+    """The EMA decay of optimizer step `step` (0-based): train.ema_decay, warmed up by train.ema_warmup."""
+    tc = config.train
+    return min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+
+
 def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Config,
                generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None) -> dict[str, float]:
     """One optimizer step on a batch of HR crops [N x C x H x W] in [0, 1] (on the training device).
@@ -105,7 +111,7 @@ def train_step(objective: nn.Module, hr: Tensor, state: TrainState, config: Conf
     state.scheduler.step()
     if code is not None:
         state.model.adaptive.update_histogram(code, tc.ema_decay)
-    ema_update(state.ema, state.model, tc.ema_decay)
+    ema_update(state.ema, state.model, ema_decay_at(state.step, config))
     state.step += 1
     metrics = {f"train/{k}": v.item() for k, v in losses.items() if k != "total"}
     metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
