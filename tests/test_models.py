@@ -101,3 +101,30 @@ def test_attention_is_softmax_attention_in_the_fused_kernel():
     expected = x.double() + torch.nn.functional.conv1d(attended, block.proj.weight.double(),
                                                        block.proj.bias.double()).reshape(2, 16, 6, 5)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_an_inversion_checkpoint_keeps_all_but_its_inverter():
+    """A stage after the inversion stage (the demo fine-tuning the shipped model) takes every weight but the noise
+    predictor; weights of another architecture are still refused."""
+    from pfsr.checkpoint import init_from, serving_checkpoint, training_checkpoint
+    from pfsr.config import config_from_dict
+    from pfsr.errors import InputError
+    from pfsr.train import make_state
+
+    def state_of(stage: str, rrdb_num_block: int = 4):
+        config = config_from_dict({"model": {"rrdb_num_feat": 8, "rrdb_num_block": rrdb_num_block,
+                                             "rrdb_feature_blocks": [0, rrdb_num_block - 1],
+                                             "unet_base_channels": 16, "unet_channel_mult": [1, 2],
+                                             "unet_attention_levels": [1]},
+                                   "inversion": {"num_feat": 8, "num_block": 1}, "train": {"stage": stage}})
+        return make_state(build_model(config), config), config
+
+    source, inversion = state_of("inversion")
+    assert source.model.inverter is not None
+    ckpt = serving_checkpoint(training_checkpoint(source, inversion, {}))
+    state, _ = state_of("encoder")
+    assert init_from(state, ckpt) == []
+    for name, value in state.ema.state_dict().items():
+        torch.testing.assert_close(value, ckpt["model"][name], rtol=0, atol=0)
+    with pytest.raises(InputError, match="weights this model does not"):
+        init_from(state_of("encoder", rrdb_num_block=3)[0], ckpt)

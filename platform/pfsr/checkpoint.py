@@ -146,8 +146,12 @@ def restore_state(ckpt: dict, config: Optional[Config] = None) -> tuple[TrainSta
 
 def init_from(state: TrainState, ckpt: dict) -> list[str]:
     """Start a new stage from a previous stage's weights (`--init`): model and EMA weights only, matching keys.
-    Returns the parameter names not found in the checkpoint (e.g. the U-Net after the encoder stage)."""
+    Returns the parameter names not found in the checkpoint (e.g. the U-Net after the encoder stage). The noise
+    predictor of an inversion-stage checkpoint is left out when the new stage has none: it was fitted to the
+    weights this stage goes on to change."""
     weights = ckpt["model"] if ckpt["kind"] == "serving" else ckpt["ema"]
+    if state.model.inverter is None:
+        weights = {k: v for k, v in weights.items() if not k.startswith("inverter.")}
     missing, unexpected = state.model.load_state_dict(weights, strict=False)
     if unexpected:
         raise InputError(f"--init checkpoint has weights this model does not: {unexpected[:5]} (different config?)")
