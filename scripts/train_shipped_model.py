@@ -24,7 +24,8 @@ Writes to --out: encoder.pt, diffusion.pt, quality.pt, inversion.pt and pfsr_x4_
 the stages; the last is the last stage's),
 train_log.jsonl (one line per log step, appended across resumed runs), and shipped_metrics.json: PSNR/SSIM(Y),
 gradient energy and NFE of bicubic, the RRDB baseline, PF-ODE (dopri5 1e-4) and the few-step solvers on the
---val-images photos, whole, each against its HR.
+--val-images photos, whole, each against its HR; example_<photo>.png shows them. --resume on a finished run
+measures again.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from pfsr.inference import super_resolve
 from pfsr.losses import TrainingObjective
 from pfsr.metrics import gradient_energy, image_metrics
 from pfsr.models import build_model
+from pfsr.report import comparison_grid, detail_box
 from pfsr.train import format_metrics, make_state, train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +108,7 @@ def run_stage(config: Config, data: str, device: torch.device, budget_s: float, 
         seconds_per_step = (run_until(WARMUP_STEPS + TIMING_STEPS) - warm) / TIMING_STEPS
         tc.steps = max(state.step + 1, int((budget_s - (warm - t0)) / seconds_per_step))
         tc.lr_decay_steps = [int(f * tc.steps) for f in LR_HALVINGS]
+        tc.log_every = max(1, min(tc.log_every, tc.steps // 20))  # about 20 log lines a stage at least
         print(f"{tc.stage}: {seconds_per_step * 1000:.1f} ms/step after {WARMUP_STEPS} warm-up steps -> "
               f"{tc.steps} steps", flush=True)
     last_save = time.perf_counter()
@@ -127,9 +130,14 @@ def run_stage(config: Config, data: str, device: torch.device, budget_s: float, 
     return serving_checkpoint(training_checkpoint(state, config, {"seconds": seconds})), summary
 
 
+FIGURE_PANELS = {"bicubic": "bicubic", "rrdb": "RRDB", "dpmpp_2m_10": "DPM-Solver++(2M), 10 NFE",
+                 "invsr_1": "invsr, 1 NFE"}
+
+
 @torch.no_grad()
-def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device) -> dict:
-    """Mean figures over the photos for bicubic, the RRDB head, and each sampler setting; HR gradient energy."""
+def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device, figures: Path) -> dict:
+    """Mean figures over the photos for bicubic, the RRDB head, and each sampler setting; HR gradient energy.
+    Writes figures/example_<photo>.png: FIGURE_PANELS and HR side by side, with the most detailed square zoomed."""
     s, multiple = model.scale, model.lr_multiple * model.scale
     rows: dict[str, list[dict]] = {}
     hr_energy = []
@@ -145,9 +153,14 @@ def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device) -
             t0 = time.perf_counter()
             sr, nfe = super_resolve(model, lr, **setting, seeds=[i])
             outputs["_".join(str(v) for v in setting.values())] = (sr, nfe, time.perf_counter() - t0)
+        panels = []
         for key, (sr, nfe, seconds) in outputs.items():
             sr_rgb = to_uint8(sr)[0].permute(1, 2, 0).cpu().numpy()
             rows.setdefault(key, []).append({**image_metrics(sr_rgb, hr_rgb, s), "nfe": nfe, "seconds": seconds})
+            if key in FIGURE_PANELS:
+                panels.append((f"{FIGURE_PANELS[key]}: {rows[key][-1]['psnr_y']:.2f} dB", sr_rgb))
+        panels.append((f"HR ({Path(name).stem}, held back)", hr_rgb))
+        (figures / f"example_{Path(name).stem}.png").write_bytes(comparison_grid(panels, detail_box(hr_rgb, fraction=4)))
         print(f"measured {name}: " + ", ".join(f"{k} {v[-1]['psnr_y']:.2f}" for k, v in rows.items()), flush=True)
     result: dict = {"images": [name for name, _ in photos], "hr_gradient_energy": float(np.mean(hr_energy))}
     for key, values in rows.items():
@@ -172,7 +185,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the running stage this often")
     ap.add_argument("--resume", action="store_true", help="skip finished stages, continue the started one")
     ap.add_argument("--loader-workers", type=int, default=None, help="overrides data.num_workers")
-    ap.add_argument("--batch-size", type=int, default=None, help="overrides data.batch_size")
+    ap.add_argument("--batch-size", default=None,
+                    help="overrides data.batch_size: one value, or one per stage of --stages (e.g. 16,16,4,8)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="serving checkpoint the first stage starts from (e.g. models/pfsr_x4_small.pt): a warm start")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,22 +199,29 @@ def main(argv=None) -> dict:
     unknown = [s for s in stages if s not in dict(STAGES)]
     if unknown or not stages:
         ap.error(f"--stages: unknown stage {unknown[0] if unknown else ''!r}; choose from {', '.join(dict(STAGES))}")
+    batch_sizes = [int(b) for b in args.batch_size.split(",")] if args.batch_size else [None]
+    if len(batch_sizes) not in (1, len(stages)) or min(b or 1 for b in batch_sizes) < 1:
+        ap.error(f"--batch-size {args.batch_size}: give one size, or one per stage of --stages ({len(stages)})")
+    if args.init is not None and not args.init.is_file():
+        ap.error(f"--init {args.init}: no such file")
     started = [s for s, _ in STAGES if (args.out / f"{s}.pt").is_file() or (args.out / f"{s}_state.pt").is_file()]
     if started and not args.resume:
         ap.error(f"{args.out} holds stage {started[0]} of an earlier run: pass --resume, or another --out")
     plan_path = args.out / "plan.json"  # the budget of the first run, kept for every resumed one
     plan = json.loads(plan_path.read_text()) if args.resume and plan_path.is_file() else \
-        {"minutes": args.minutes, "stages": stages}
+        {"minutes": args.minutes, "stages": stages, "init": str(args.init) if args.init else None,
+         "batch_sizes": dict(zip(stages, batch_sizes * len(stages) if len(batch_sizes) == 1 else batch_sizes))}
     plan_path.write_text(json.dumps(plan) + "\n")
     deadline = time.perf_counter() + 3600 * args.max_hours if args.max_hours else float("inf")
     summary_path = args.out / "stages.json"
     summaries = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    init, config = None, None
+    init = load(plan["init"], kind="serving") if plan.get("init") else None
+    config = None
     with open(args.out / "train_log.jsonl", "a") as log_file:
         for stage in plan["stages"]:
             config = load_config(ROOT / "configs" / dict(STAGES)[stage])
             config.data.num_workers = args.loader_workers or config.data.num_workers
-            config.data.batch_size = args.batch_size or config.data.batch_size
+            config.data.batch_size = plan.get("batch_sizes", {}).get(stage) or config.data.batch_size
             done = args.out / f"{stage}.pt"
             if done.is_file():
                 init = load(done, kind="serving")
@@ -224,7 +247,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "stages": summaries,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "metrics": measure(model, photos, device),
+        "metrics": measure(model, photos, device, args.out),
     }
     (args.out / "shipped_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
