@@ -21,11 +21,10 @@ Resumable: every --checkpoint-minutes, and when --max-hours is up, the running s
 leaves OUT/<stage>.pt. With --resume, finished stages are skipped and a started one continues from its state.
 
 Writes to --out: encoder.pt, diffusion.pt, quality.pt, inversion.pt and pfsr_x4_small.pt (serving checkpoints of
-the stages; the last is the last stage's),
-train_log.jsonl (one line per log step, appended across resumed runs), and shipped_metrics.json: PSNR/SSIM(Y),
-gradient energy and NFE of bicubic, the RRDB baseline, PF-ODE (dopri5 1e-4) and the few-step solvers on the
---val-images photos, whole, each against its HR; example_<photo>.png shows them. --resume on a finished run
-measures again.
+the stages; the last is the last stage's), train_log.jsonl (one line per log step, appended across resumed runs),
+train_curves.png (its losses), and shipped_metrics.json: PSNR/SSIM(Y), gradient energy and NFE of bicubic, the
+RRDB baseline, PF-ODE (dopri5 1e-4) and the few-step solvers on the --val-images photos, whole, each against its
+HR, which example_<photo>.png shows. --resume on a finished run measures again.
 """
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ from pfsr.inference import super_resolve
 from pfsr.losses import TrainingObjective
 from pfsr.metrics import gradient_energy, image_metrics
 from pfsr.models import build_model
-from pfsr.report import comparison_grid, detail_box
+from pfsr.report import comparison_grid, detail_box, plot_loss_curves
 from pfsr.train import format_metrics, make_state, train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +159,8 @@ def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device, f
             if key in FIGURE_PANELS:
                 panels.append((f"{FIGURE_PANELS[key]}: {rows[key][-1]['psnr_y']:.2f} dB", sr_rgb))
         panels.append((f"HR ({Path(name).stem}, held back)", hr_rgb))
-        (figures / f"example_{Path(name).stem}.png").write_bytes(comparison_grid(panels, detail_box(hr_rgb, fraction=4)))
+        figure = comparison_grid(panels, detail_box(hr_rgb, fraction=4))
+        (figures / f"example_{Path(name).stem}.png").write_bytes(figure)
         print(f"measured {name}: " + ", ".join(f"{k} {v[-1]['psnr_y']:.2f}" for k, v in rows.items()), flush=True)
     result: dict = {"images": [name for name, _ in photos], "hr_gradient_energy": float(np.mean(hr_energy))}
     for key, values in rows.items():
@@ -250,6 +250,13 @@ def main(argv=None) -> dict:
         "metrics": measure(model, photos, device, args.out),
     }
     (args.out / "shipped_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    curves: dict = {}
+    for line in (args.out / "train_log.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        for tag, value in entry.items():
+            if tag.startswith("train/loss"):
+                curves.setdefault(entry["stage"], {}).setdefault(tag, []).append([entry["step"], value])
+    (args.out / "train_curves.png").write_bytes(plot_loss_curves(curves))
     print(json.dumps(result, indent=2))
     return result
 

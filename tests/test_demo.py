@@ -84,7 +84,9 @@ def test_quick_demo_end_to_end(tmp_path):
     ckpt = load(out / "models" / "pfsr_demo.pt", kind="serving")
     assert ckpt["step"] == timings["plan"]["diffusion_steps"] and ckpt["config"]["model"]["freeze_encoder"]
     shipped = load(ROOT / "models" / "pfsr_x4_small.pt", kind="serving")
-    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in shipped["model"].items()}
+    # all but the shipped model's noise predictor (seed 001), which the demo's stages leave out (init_from)
+    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in shipped["model"].items()
+                                                             if not k.startswith("inverter.")}
     changed = [k for k, v in ckpt["model"].items() if not np.array_equal(v.numpy(), shipped["model"][k].numpy())]
     assert any(k.startswith("unet.") for k in changed) and any(k.startswith("rrdb.") for k in changed), changed[:5]
 

@@ -34,7 +34,7 @@ QUALITY_COLUMNS = (("psnr_y", "PSNR-Y dB"), ("ssim_y", "SSIM-Y"), ("psnr_rgb", "
                    ("ssim_rgb", "SSIM-RGB"), ("lpips", "LPIPS"))
 MODEL_LABELS = {"demo": "demo model (trained just now)", "shipped": "shipped model (models/pfsr_x4_small.pt)"}
 MODEL_ORDER = ("shipped", "demo")  # the shipped model first, then the demo's
-CURVE_TAGS = ("train/loss_l1", "train/loss_dsm", "train/loss_quality", "val/psnr_y")
+CURVE_TAGS = ("train/loss_l1", "train/loss_dsm", "train/loss_quality", "train/loss_l2", "val/psnr_y")
 GRIDS_PER_EVAL = 2
 
 
