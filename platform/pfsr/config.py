@@ -125,7 +125,8 @@ class TrainConfig:
     grad_clip: float = 10.0
     ema_decay: float = 0.999
     # TensorFlow's ExponentialMovingAverage with num_updates: a run of a few thousand steps does not keep a large
-    # share of its initial weights in the EMA (0.999 ** 1300 = 27%)
+    # share of its initial weights in the EMA (0.999 ** 1300 = 27%). Short fine-tuning from trained weights
+    # (--init) may rather keep them: `pfsr demo` turns it off.
     ema_warmup: bool = True  # EMA decay at step n: min(ema_decay, (1 + n) / (10 + n)); false: ema_decay throughout
     bf16: bool = True  # bf16 autocast for the DSM step on GPU
     seed: int = 0
