@@ -199,7 +199,10 @@ def main(argv=None) -> dict:
     unknown = [s for s in stages if s not in dict(STAGES)]
     if unknown or not stages:
         ap.error(f"--stages: unknown stage {unknown[0] if unknown else ''!r}; choose from {', '.join(dict(STAGES))}")
-    batch_sizes = [int(b) for b in args.batch_size.split(",")] if args.batch_size else [None]
+    try:
+        batch_sizes = [int(b) for b in args.batch_size.split(",")] if args.batch_size else [None]
+    except ValueError:
+        batch_sizes = []
     if len(batch_sizes) not in (1, len(stages)) or min(b or 1 for b in batch_sizes) < 1:
         ap.error(f"--batch-size {args.batch_size}: give one size, or one per stage of --stages ({len(stages)})")
     if args.init is not None and not args.init.is_file():
