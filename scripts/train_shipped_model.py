@@ -7,7 +7,8 @@ configs/pfsr_x4_small_{encoder,,quality,inversion}.yaml (the diffusion stage's i
 shards of scripts/fetch_wallpapers.py (the wallpaper corpus) or of `pfsr prep`/`pfsr demo`. Each stage runs the
 core training loop (pfsr.train.train_loop, the loop `pfsr train` runs in every Ray Train worker) in this process
 on one device, so it also runs on a GPU machine without Ray. A stage first times a few steps, then sets its step
-count (and the learning-rate halvings at 60% and 85% of it) to fill its share of --minutes (STAGE_SHARES).
+count (and the learning-rate halvings at 60% and 85% of it) to fill its share of --minutes (STAGE_SHARES, over the
+stages of --stages).
 
     python scripts/fetch_wallpapers.py --out data/wallpapers          # the corpus, once
     python scripts/train_shipped_model.py --data data/wallpapers/shards --val-images data/wallpapers/val \
@@ -24,7 +25,8 @@ Writes to --out: encoder.pt, diffusion.pt, quality.pt, inversion.pt and pfsr_x4_
 the stages; the last is the last stage's), train_log.jsonl (one line per log step, appended across resumed runs),
 train_curves.png (its losses), and shipped_metrics.json: PSNR/SSIM(Y), gradient energy and NFE of bicubic, the
 RRDB baseline, PF-ODE (dopri5 1e-4) and the few-step solvers on the --val-images photos, whole, each against its
-HR, which example_<photo>.png shows. --resume on a finished run measures again.
+HR, which example_<photo>.png shows; and under stage_metrics, those of DPM-Solver++(2M) at 10 NFE with the
+checkpoint of each earlier stage but the encoder (which stage helped). --resume on a finished run measures again.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from pfsr.checkpoint import init_from, load, restore_state, save, serving_checkpoint, training_checkpoint
+from pfsr.checkpoint import (init_from, load, model_from_checkpoint, restore_state, save, serving_checkpoint,
+                             training_checkpoint)
 from pfsr.config import Config, load_config
 from pfsr.data import iter_images, loader_from_config
 from pfsr.degradation import degrade, to_uint8, upsample
@@ -49,13 +53,14 @@ from pfsr.report import comparison_grid, detail_box, plot_loss_curves
 from pfsr.train import format_metrics, make_state, train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
-WARMUP_STEPS, TIMING_STEPS = 20, 50
+WARMUP_STEPS, TIMING_STEPS, TIMING_SHARE = 20, 50, 0.1
 LR_HALVINGS = (0.6, 0.85)
 STAGES = (("encoder", "pfsr_x4_small_encoder.yaml"), ("diffusion", "pfsr_x4_small.yaml"),
           ("quality", "pfsr_x4_small_quality.yaml"), ("inversion", "pfsr_x4_small_inversion.yaml"))
 STAGE_SHARES = {"encoder": 0.2, "diffusion": 0.5, "quality": 0.15, "inversion": 0.15}  # of --minutes
 SAMPLER_SETTINGS = (dict(method="pf_ode"), dict(method="dpmpp_2m", steps=10), dict(method="dpmpp_2m", steps=5),
                     dict(method="unipc", steps=4))
+STAGE_SAMPLER_SETTINGS = (dict(method="dpmpp_2m", steps=10),)  # for the checkpoints of the stages before the last
 
 
 def run_stage(config: Config, data: str, device: torch.device, budget_s: float, log_file, out: Path, init=None,
@@ -104,7 +109,10 @@ def run_stage(config: Config, data: str, device: torch.device, budget_s: float, 
 
     if not resumed:  # the step count is set once, from the first run's timing, and kept in the state
         warm = run_until(WARMUP_STEPS)  # loader workers starting, cuDNN autotuning: not timed
-        seconds_per_step = (run_until(WARMUP_STEPS + TIMING_STEPS) - warm) / TIMING_STEPS
+        now = warm  # TIMING_STEPS, or fewer where they would take more than TIMING_SHARE of the budget
+        while state.step < WARMUP_STEPS + TIMING_STEPS and now - warm < TIMING_SHARE * budget_s:
+            now = run_until(state.step + 1)
+        seconds_per_step = (now - warm) / (state.step - WARMUP_STEPS)
         tc.steps = max(state.step + 1, int((budget_s - (warm - t0)) / seconds_per_step))
         tc.lr_decay_steps = [int(f * tc.steps) for f in LR_HALVINGS]
         tc.log_every = max(1, min(tc.log_every, tc.steps // 20))  # about 20 log lines a stage at least
@@ -134,9 +142,11 @@ FIGURE_PANELS = {"bicubic": "bicubic", "rrdb": "RRDB", "dpmpp_2m_10": "DPM-Solve
 
 
 @torch.no_grad()
-def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device, figures: Path) -> dict:
+def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device, figures: Optional[Path],
+            settings: Sequence[dict] = SAMPLER_SETTINGS) -> dict:
     """Mean figures over the photos for bicubic, the RRDB head, and each sampler setting; HR gradient energy.
-    Writes figures/example_<photo>.png: FIGURE_PANELS and HR side by side, with the most detailed square zoomed."""
+    Writes figures/example_<photo>.png (unless None): FIGURE_PANELS and HR side by side, with the most detailed
+    square zoomed."""
     s, multiple = model.scale, model.lr_multiple * model.scale
     rows: dict[str, list[dict]] = {}
     hr_energy = []
@@ -148,7 +158,7 @@ def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device, f
         hr_energy.append(gradient_energy(hr_rgb, s))
         outputs = {"bicubic": (upsample(lr, s), 0, 0.0), "rrdb": (model.regress(lr), 1, 0.0)}
         # seed 001's one-step sampler when the inversion stage ran
-        for setting in SAMPLER_SETTINGS + ((dict(method="invsr", steps=1),) if model.inverter is not None else ()):
+        for setting in tuple(settings) + ((dict(method="invsr", steps=1),) if model.inverter is not None else ()):
             t0 = time.perf_counter()
             sr, nfe = super_resolve(model, lr, **setting, seeds=[i])
             outputs["_".join(str(v) for v in setting.values())] = (sr, nfe, time.perf_counter() - t0)
@@ -158,9 +168,10 @@ def measure(model, photos: list[tuple[str, np.ndarray]], device: torch.device, f
             rows.setdefault(key, []).append({**image_metrics(sr_rgb, hr_rgb, s), "nfe": nfe, "seconds": seconds})
             if key in FIGURE_PANELS:
                 panels.append((f"{FIGURE_PANELS[key]}: {rows[key][-1]['psnr_y']:.2f} dB", sr_rgb))
-        panels.append((f"HR ({Path(name).stem}, held back)", hr_rgb))
-        figure = comparison_grid(panels, detail_box(hr_rgb, fraction=4))
-        (figures / f"example_{Path(name).stem}.png").write_bytes(figure)
+        if figures is not None:
+            panels.append((f"HR ({Path(name).stem}, held back)", hr_rgb))
+            figure = comparison_grid(panels, detail_box(hr_rgb, fraction=4))
+            (figures / f"example_{Path(name).stem}.png").write_bytes(figure)
         print(f"measured {name}: " + ", ".join(f"{k} {v[-1]['psnr_y']:.2f}" for k, v in rows.items()), flush=True)
     result: dict = {"images": [name for name, _ in photos], "hr_gradient_energy": float(np.mean(hr_energy))}
     for key, values in rows.items():
@@ -230,7 +241,8 @@ def main(argv=None) -> dict:
                 init = load(done, kind="serving")
                 print(f"{stage}: done earlier ({done})", flush=True)
                 continue
-            result = run_stage(config, f"{args.data}/train", device, 60 * plan["minutes"] * STAGE_SHARES[stage],
+            share = STAGE_SHARES[stage] / sum(STAGE_SHARES[s] for s in plan["stages"])
+            result = run_stage(config, f"{args.data}/train", device, 60 * plan["minutes"] * share,
                                log_file, args.out, init=init, deadline=deadline,
                                checkpoint_s=60 * args.checkpoint_minutes)
             if result is None:
@@ -251,6 +263,10 @@ def main(argv=None) -> dict:
         "stages": summaries,
         "parameters": sum(p.numel() for p in model.parameters()),
         "metrics": measure(model, photos, device, args.out),
+        # what each earlier stage's checkpoint gave with the default sampler: which stage helped
+        "stage_metrics": {stage: measure(model_from_checkpoint(load(args.out / f"{stage}.pt")).to(device), photos,
+                                         device, None, settings=STAGE_SAMPLER_SETTINGS)
+                          for stage in plan["stages"][:-1] if stage != "encoder"},
     }
     (args.out / "shipped_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     curves: dict = {}
