@@ -39,10 +39,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from pfsr.checkpoint import (init_from, load, model_from_checkpoint, restore_state, save, serving_checkpoint,
                              training_checkpoint)
-from pfsr.config import Config, load_config
+from pfsr.config import Config, ConfigError, load_config
 from pfsr.data import iter_images, loader_from_config
 from pfsr.degradation import degrade, to_uint8, upsample
 from pfsr.inference import super_resolve
@@ -198,6 +199,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--loader-workers", type=int, default=None, help="overrides data.num_workers")
     ap.add_argument("--batch-size", default=None,
                     help="overrides data.batch_size: one value, or one per stage of --stages (e.g. 16,16,4,8)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for every stage (YAML value), e.g. --set diffusion.mean=rrdb; repeatable")
     ap.add_argument("--init", type=Path, default=None,
                     help="serving checkpoint the first stage starts from (e.g. models/pfsr_x4_small.pt): a warm start")
     args = ap.parse_args(argv)
@@ -216,6 +219,17 @@ def main(argv=None) -> dict:
         batch_sizes = []
     if len(batch_sizes) not in (1, len(stages)) or min(b or 1 for b in batch_sizes) < 1:
         ap.error(f"--batch-size {args.batch_size}: give one size, or one per stage of --stages ({len(stages)})")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            ap.error(f"--set {item}: expected SECTION.KEY=VALUE, e.g. diffusion.mean=rrdb")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        for stage in stages:
+            load_config(ROOT / "configs" / dict(STAGES)[stage], overrides)
+    except ConfigError as e:
+        ap.error(f"--set: {e}")
     if args.init is not None and not args.init.is_file():
         ap.error(f"--init {args.init}: no such file")
     started = [s for s, _ in STAGES if (args.out / f"{s}.pt").is_file() or (args.out / f"{s}_state.pt").is_file()]
@@ -224,7 +238,8 @@ def main(argv=None) -> dict:
     plan_path = args.out / "plan.json"  # the budget of the first run, kept for every resumed one
     plan = json.loads(plan_path.read_text()) if args.resume and plan_path.is_file() else \
         {"minutes": args.minutes, "stages": stages, "init": str(args.init) if args.init else None,
-         "batch_sizes": dict(zip(stages, batch_sizes * len(stages) if len(batch_sizes) == 1 else batch_sizes))}
+         "batch_sizes": dict(zip(stages, batch_sizes * len(stages) if len(batch_sizes) == 1 else batch_sizes)),
+         "overrides": overrides}
     plan_path.write_text(json.dumps(plan) + "\n")
     deadline = time.perf_counter() + 3600 * args.max_hours if args.max_hours else float("inf")
     summary_path = args.out / "stages.json"
@@ -233,7 +248,7 @@ def main(argv=None) -> dict:
     config = None
     with open(args.out / "train_log.jsonl", "a") as log_file:
         for stage in plan["stages"]:
-            config = load_config(ROOT / "configs" / dict(STAGES)[stage])
+            config = load_config(ROOT / "configs" / dict(STAGES)[stage], plan.get("overrides"))
             config.data.num_workers = args.loader_workers or config.data.num_workers
             config.data.batch_size = plan.get("batch_sizes", {}).get(stage) or config.data.batch_size
             done = args.out / f"{stage}.pt"
