@@ -20,6 +20,7 @@ from PIL import Image
 
 from pfsr.checkpoint import load
 from pfsr.config import load_config
+from pfsr.inference import DEFAULT_CHECKPOINT
 from pfsr.pipeline.demo import (FINE_TUNE_SETTING, PHOTOS, QUICK, VAL_PHOTOS, StageFailed, check_fine_tuning,
                                 split_own_images, stage_configs)
 
@@ -174,13 +175,16 @@ def test_fine_tuning_fails_only_when_it_loses_more_than_the_tolerance(tmp_path, 
 
 
 def test_stage_configs_fine_tune_the_shipped_model_or_start_from_scratch(tmp_path):
-    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "a", QUICK))
+    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "a", QUICK, DEFAULT_CHECKPOINT))
     assert encoder.model == load_config(ROOT / "configs" / "pfsr_x4_small_encoder.yaml").model
     assert diffusion.model == load_config(ROOT / "configs" / "pfsr_x4_small.yaml").model
+    # the diffusion the shipped U-Net learned (its mean is the RRDB's output), not the config file's default
+    shipped = load(DEFAULT_CHECKPOINT, kind="serving")["config"]["diffusion"]
+    assert dataclasses.asdict(diffusion.diffusion) == shipped and shipped["mean"] == "rrdb"
     assert (encoder.train.stage, diffusion.train.stage) == ("encoder", "diffusion")
     assert diffusion.train.lr == encoder.train.lr == 5e-5 and diffusion.data.crop == 64
     assert (encoder.train.steps, diffusion.train.steps) == (QUICK.encoder_steps, QUICK.diffusion_steps)
-    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "b", QUICK, from_scratch=True))
+    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "b", QUICK))
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     assert diffusion.model == dataclasses.replace(tiny.model, freeze_encoder=True)
     assert diffusion.train.lr == tiny.train.lr and encoder.model == tiny.model

@@ -49,6 +49,7 @@ import numpy as np
 import yaml
 
 from .. import storage
+from ..checkpoint import load
 from ..config import ServeConfig
 from ..errors import InputError
 from ..inference import DEFAULT_CHECKPOINT, IMAGE_SUFFIXES
@@ -252,10 +253,12 @@ def split_own_images(uri: str, dest: Path) -> dict[str, int]:
     return {"train": len(ranked) - n_val, "val": n_val}
 
 
-def stage_configs(out: Path, plan: Plan, from_scratch: bool = False) -> tuple[Path, Path]:
-    """The two training stages with the demo's step counts (written to out/configs for the record): the shipped
-    model's configs/pfsr_x4_small{_encoder,}.yaml with FINE_TUNE's settings, or from scratch
-    configs/tiny{_encoder,}.yaml."""
+def stage_configs(out: Path, plan: Plan, shipped: Optional[Path] = None) -> tuple[Path, Path]:
+    """The two training stages with the demo's step counts (written to out/configs for the record): fine-tuning
+    the `shipped` checkpoint, its configs/pfsr_x4_small{_encoder,}.yaml with FINE_TUNE's settings and, in the
+    diffusion stage, the checkpoint's own diffusion section (schedule, hybrid c, mean: the process its U-Net
+    learned); without one, from scratch, configs/tiny{_encoder,}.yaml."""
+    from_scratch = shipped is None
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     tune = {} if from_scratch else FINE_TUNE
@@ -264,7 +267,8 @@ def stage_configs(out: Path, plan: Plan, from_scratch: bool = False) -> tuple[Pa
                          "checkpoint_every": plan.encoder_steps}}
     # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
     diffusion = {"base": str(TINY_CONFIG if from_scratch else SHIPPED_CONFIG), "model": {"freeze_encoder": True},
-                 **({} if from_scratch else {"data": FINE_TUNE["data"]}),
+                 **({} if from_scratch else {"data": FINE_TUNE["data"],
+                                             "diffusion": load(shipped, kind="serving")["config"]["diffusion"]}),
                  "train": {**tune.get("train", {}), "stage": "diffusion", "steps": plan.diffusion_steps,
                            "log_every": plan.log_every, "val_every": plan.val_every,
                            "checkpoint_every": plan.val_every}}
@@ -516,7 +520,7 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None, from_scratch: bo
         with pipe.stage("data"):
             counts = split_own_images(data, out / "data") if data else write_photos(out / "data")
             print(f"  {counts['train']} training and {counts['val']} validation images in {out / 'data'}", flush=True)
-        encoder_cfg, diffusion_cfg = stage_configs(out, plan, from_scratch)
+        encoder_cfg, diffusion_cfg = stage_configs(out, plan, None if from_scratch else shipped)
         scale = load_config(diffusion_cfg).model.scale
         with local_cluster(pipe) as address:
             ray_flag = ["--ray-address", address]
