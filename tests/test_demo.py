@@ -175,19 +175,26 @@ def test_fine_tuning_fails_only_when_it_loses_more_than_the_tolerance(tmp_path, 
 
 
 def test_stage_configs_fine_tune_the_shipped_model_or_start_from_scratch(tmp_path):
-    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "a", QUICK, DEFAULT_CHECKPOINT))
+    plan = QUICK.fine_tuning()
+    assert (plan.diffusion_steps, plan.val_every) == (QUICK.fine_tune_diffusion_steps, QUICK.fine_tune_val_every)
+    encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "a", plan, DEFAULT_CHECKPOINT))
     assert encoder.model == load_config(ROOT / "configs" / "pfsr_x4_small_encoder.yaml").model
     assert diffusion.model == load_config(ROOT / "configs" / "pfsr_x4_small.yaml").model
+    assert (encoder.train.stage, diffusion.train.stage) == ("encoder", "diffusion")
+    assert diffusion.train.lr == encoder.train.lr == 5e-5 and diffusion.data.crop == 64
+    assert (encoder.train.steps, diffusion.train.steps) == (QUICK.encoder_steps, QUICK.fine_tune_diffusion_steps)
     # the diffusion the shipped U-Net learned (its mean is the RRDB's output), not the config file's default
     shipped = load(DEFAULT_CHECKPOINT, kind="serving")["config"]["diffusion"]
     assert dataclasses.asdict(diffusion.diffusion) == shipped and shipped["mean"] == "rrdb"
-    assert (encoder.train.stage, diffusion.train.stage) == ("encoder", "diffusion")
-    assert diffusion.train.lr == encoder.train.lr == 5e-5 and diffusion.data.crop == 64
-    assert (encoder.train.steps, diffusion.train.steps) == (QUICK.encoder_steps, QUICK.diffusion_steps)
+    # the loss of the shipped model's last stage: DSM and the image-quality loss at every step
+    last_stage = load_config(ROOT / "configs" / "pfsr_x4_small_quality.yaml").loss
+    assert diffusion.loss == last_stage and last_stage.quality_weight > 0 and last_stage.quality_every == 1
+    assert encoder.loss.quality_weight == 0
     encoder, diffusion = (load_config(p) for p in stage_configs(tmp_path / "b", QUICK))
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     assert diffusion.model == dataclasses.replace(tiny.model, freeze_encoder=True)
     assert diffusion.train.lr == tiny.train.lr and encoder.model == tiny.model
+    assert diffusion.loss.quality_weight == 0 and diffusion.train.steps == QUICK.diffusion_steps
 
 
 def test_failing_stage_is_named_and_exits_nonzero(tmp_path):

@@ -41,7 +41,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional
 
@@ -61,8 +61,11 @@ TINY_ENCODER_CONFIG = REPO / "configs" / "tiny_encoder.yaml"  # its encoder stag
 # Fine-tuning the shipped model: its configs, with the demo's crops, batches and a lower learning rate; the EMA
 # starts from the shipped weights without warm-up (a warmed-up EMA of a few dozen steps on 64 px crops follows
 # the noisy fine-tuned weights: -1.5 dB measured).
-SHIPPED_CONFIG = REPO / "configs" / "pfsr_x4_small.yaml"
 SHIPPED_ENCODER_CONFIG = REPO / "configs" / "pfsr_x4_small_encoder.yaml"
+# The shipped model's last weight-changing stage: DSM plus the image-quality loss through the adjoint PF-ODE. The
+# demo's diffusion stage fine-tunes with the same loss: DSM alone pulls the model back from where that stage took
+# it (160 DSM steps lost 1.1 dB on the validation crops, at lr 1e-5 as well).
+SHIPPED_QUALITY_CONFIG = REPO / "configs" / "pfsr_x4_small_quality.yaml"
 FINE_TUNE = {"data": {"crop": 64, "batch_size": 8, "shuffle_buffer": 64, "num_workers": 1},
              "train": {"lr": 5.0e-5, "warmup_steps": 10, "ema_decay": 0.99, "ema_warmup": False}}
 FINE_TUNE_SETTING = "dpmpp_2m-10"  # the setting the fine-tuning check compares (the serving default)
@@ -94,6 +97,13 @@ class Plan:
     serve_lr: int  # LR side of the image upscaled over HTTP
     workers: int = 2
     shipped_pf_ode: bool = True  # evaluate the shipped model with PF-ODE too (besides FINE_TUNE_SETTING)
+    # fine-tuning the shipped model: the diffusion stage's steps (each with the quality loss, ~20x a DSM step)
+    fine_tune_diffusion_steps: int = 20
+    fine_tune_val_every: int = 20
+
+    def fine_tuning(self) -> "Plan":
+        """The plan when the demo fine-tunes the shipped model."""
+        return replace(self, diffusion_steps=self.fine_tune_diffusion_steps, val_every=self.fine_tune_val_every)
 
 
 # FULL: about 9 minutes on a quiet 2-core machine without a GPU (9 min 50 s with 200 diffusion steps), most of it
@@ -101,7 +111,7 @@ class Plan:
 FULL = Plan(encoder_steps=150, diffusion_steps=160, log_every=10, val_every=40, val_patch=128, eval_limit=3,
             few_steps=(4, 10), serve_lr=48)
 QUICK = Plan(encoder_steps=10, diffusion_steps=10, log_every=2, val_every=10, val_patch=64, eval_limit=1,
-             few_steps=(10,), serve_lr=16, shipped_pf_ode=False)
+             few_steps=(10,), serve_lr=16, shipped_pf_ode=False, fine_tune_diffusion_steps=2, fine_tune_val_every=2)
 
 
 class StageFailed(RuntimeError):
@@ -255,9 +265,10 @@ def split_own_images(uri: str, dest: Path) -> dict[str, int]:
 
 def stage_configs(out: Path, plan: Plan, shipped: Optional[Path] = None) -> tuple[Path, Path]:
     """The two training stages with the demo's step counts (written to out/configs for the record): fine-tuning
-    the `shipped` checkpoint, its configs/pfsr_x4_small{_encoder,}.yaml with FINE_TUNE's settings and, in the
-    diffusion stage, the checkpoint's own diffusion section (schedule, hybrid c, mean: the process its U-Net
-    learned); without one, from scratch, configs/tiny{_encoder,}.yaml."""
+    the `shipped` checkpoint, its configs/pfsr_x4_small_encoder.yaml and, for the diffusion stage, the loss of its
+    last stage (configs/pfsr_x4_small_quality.yaml: DSM plus the image-quality loss) with the checkpoint's own
+    diffusion section (schedule, hybrid c, mean: the process its U-Net learned), both with FINE_TUNE's settings;
+    without one, from scratch, configs/tiny{_encoder,}.yaml (DSM alone)."""
     from_scratch = shipped is None
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -266,7 +277,7 @@ def stage_configs(out: Path, plan: Plan, shipped: Optional[Path] = None) -> tupl
                "train": {**tune.get("train", {}), "steps": plan.encoder_steps, "log_every": plan.log_every,
                          "checkpoint_every": plan.encoder_steps}}
     # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
-    diffusion = {"base": str(TINY_CONFIG if from_scratch else SHIPPED_CONFIG), "model": {"freeze_encoder": True},
+    diffusion = {"base": str(TINY_CONFIG if from_scratch else SHIPPED_QUALITY_CONFIG), "model": {"freeze_encoder": True},
                  **({} if from_scratch else {"data": FINE_TUNE["data"],
                                              "diffusion": load(shipped, kind="serving")["config"]["diffusion"]}),
                  "train": {**tune.get("train", {}), "stage": "diffusion", "steps": plan.diffusion_steps,
@@ -459,8 +470,8 @@ def evaluations(plan: Plan, shipped: bool) -> list[tuple[str, str, list[str]]]:
 
 def model_descriptions(from_scratch: bool, shipped: Optional[Path], plan: Plan) -> dict[str, str]:
     """What each evaluated model is, in words (the report's labels)."""
-    trained = (f"{plan.encoder_steps} encoder and {plan.diffusion_steps} diffusion steps on the demo's training "
-               "photos")
+    trained = (f"{plan.encoder_steps} encoder and {plan.diffusion_steps} diffusion steps"
+               + ("" if from_scratch else " (DSM and the image-quality loss)") + " on the demo's training photos")
     shipped_text = ("the shipped model (models/pfsr_x4_small.pt, configs/pfsr_x4_small*.yaml), as distributed"
                     + ("" if from_scratch else ": the demo's model before its training"))
     demo_text = (f"the demo model trained from scratch (random weights, configs/tiny*.yaml) for {trained}"
@@ -499,6 +510,8 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None, from_scratch: bo
     if shipped is None and not from_scratch:
         raise InputError(f"the demo fine-tunes the shipped model {DEFAULT_CHECKPOINT}, which is missing: restore it "
                          "(git checkout models/) or run `pfsr demo --from-scratch`")
+    quick = plan is QUICK
+    plan = plan if from_scratch else plan.fine_tuning()
     for name in OUTPUTS:  # only what an earlier demo wrote here
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -508,7 +521,7 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None, from_scratch: bo
     env = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     pipe = Pipeline(out=out, total=8 + len(evals) + (not from_scratch), env=env)
     info = {"data": data or "scikit-image photos (" + ", ".join(PHOTOS) + f"; val: {', '.join(VAL_PHOTOS)})",
-            "quick": plan is QUICK, "plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "quick": quick, "plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": machine_info(), "gpus": gpus, "workers": workers, "from_scratch": from_scratch,
             "models": model_descriptions(from_scratch, shipped, plan)}
     print(f"PF-SR demo -> {out} ({'quick' if plan is QUICK else 'full'} run, {f'{gpus} GPU' if gpus else 'CPU'}; "
