@@ -64,7 +64,7 @@ TINY_ENCODER_CONFIG = REPO / "configs" / "tiny_encoder.yaml"  # its encoder stag
 SHIPPED_ENCODER_CONFIG = REPO / "configs" / "pfsr_x4_small_encoder.yaml"
 # The shipped model's last weight-changing stage: DSM plus the image-quality loss through the adjoint PF-ODE. The
 # demo's diffusion stage fine-tunes with the same loss: DSM alone pulls the model back from where that stage took
-# it (160 DSM steps lost 1.1 dB on the validation crops, at lr 1e-5 as well).
+# it (160 DSM steps lost 1.1 dB on the validation crops; 1.5 dB at lr 1e-5 in a trial).
 SHIPPED_QUALITY_CONFIG = REPO / "configs" / "pfsr_x4_small_quality.yaml"
 FINE_TUNE = {"data": {"crop": 64, "batch_size": 8, "shuffle_buffer": 64, "num_workers": 1},
              "train": {"lr": 5.0e-5, "warmup_steps": 10, "ema_decay": 0.99, "ema_warmup": False}}
@@ -106,8 +106,8 @@ class Plan:
         return replace(self, diffusion_steps=self.fine_tune_diffusion_steps, val_every=self.fine_tune_val_every)
 
 
-# FULL: about 9 minutes on a quiet 2-core machine without a GPU (9 min 50 s with 200 diffusion steps), most of it
-# training; on a machine shared with other jobs (load average 7 to 13) up to 15.
+# FULL on a quiet 2-core machine without a GPU: 9 min 40 s fine-tuning the shipped model, about 8.5 from scratch,
+# most of it training; on a machine shared with other jobs (load average 7 to 13) up to 15.
 FULL = Plan(encoder_steps=150, diffusion_steps=160, log_every=10, val_every=40, val_patch=128, eval_limit=3,
             few_steps=(4, 10), serve_lr=48)
 QUICK = Plan(encoder_steps=10, diffusion_steps=10, log_every=2, val_every=10, val_patch=64, eval_limit=1,
