@@ -277,7 +277,8 @@ def stage_configs(out: Path, plan: Plan, shipped: Optional[Path] = None) -> tupl
                "train": {**tune.get("train", {}), "steps": plan.encoder_steps, "log_every": plan.log_every,
                          "checkpoint_every": plan.encoder_steps}}
     # Frozen encoder: the RRDB keeps its L1 regression (the baseline in the report) and each step is cheaper.
-    diffusion = {"base": str(TINY_CONFIG if from_scratch else SHIPPED_QUALITY_CONFIG), "model": {"freeze_encoder": True},
+    diffusion = {"base": str(TINY_CONFIG if from_scratch else SHIPPED_QUALITY_CONFIG),
+                 "model": {"freeze_encoder": True},
                  **({} if from_scratch else {"data": FINE_TUNE["data"],
                                              "diffusion": load(shipped, kind="serving")["config"]["diffusion"]}),
                  "train": {**tune.get("train", {}), "stage": "diffusion", "steps": plan.diffusion_steps,
@@ -524,7 +525,7 @@ def run_demo(out: Path, plan: Plan, data: Optional[str] = None, from_scratch: bo
             "quick": quick, "plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": machine_info(), "gpus": gpus, "workers": workers, "from_scratch": from_scratch,
             "models": model_descriptions(from_scratch, shipped, plan)}
-    print(f"PF-SR demo -> {out} ({'quick' if plan is QUICK else 'full'} run, {f'{gpus} GPU' if gpus else 'CPU'}; "
+    print(f"PF-SR demo -> {out} ({'quick' if quick else 'full'} run, {f'{gpus} GPU' if gpus else 'CPU'}; "
           f"{'from scratch' if from_scratch else 'fine-tuning'} the shipped model: {shipped or 'not found'})",
           flush=True)
     status, failed = "failed", None
