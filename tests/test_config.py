@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pfsr.config import Config, ConfigError, config_reference, load_config
 
@@ -78,3 +79,17 @@ def test_cli_exits_2_on_bad_input(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).parents[1] / "platform")
     assert proc.returncode == 2, proc.stderr
     assert "missing.png does not exist" in proc.stderr
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-5` as the string '1e-5'; a float field takes it as the number, in files and in
+    overrides, while other strings stay errors."""
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 1e-5\n")
+    assert load_config(tmp_path / "a.yaml").train.lr == 1e-5
+    assert load_config(tmp_path / "a.yaml", {"loss.quality_weight": yaml.safe_load("2E+1")}).loss.quality_weight == 20.0
+    (tmp_path / "b.yaml").write_text("train:\n  lr: 1e-5x\n")
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-5x'"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 1e3\n")
+    with pytest.raises(ConfigError, match="train.steps: expected int"):
+        load_config(tmp_path / "c.yaml")

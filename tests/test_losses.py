@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfsr.config import config_from_dict
+from pfsr.config import ConfigError, config_from_dict
 from pfsr.degradation import degrade
 from pfsr.diffusion import VPSDE, hybrid_mix
 from pfsr.losses import LaplacianPyramidDistance, TrainingObjective, dsm_loss, quality_loss
@@ -191,3 +191,49 @@ def test_describe_quality_names_the_features_in_use():
     config = tiny_config(quality_weight=0.5, quality_features="laplacian", quality_solver="rk4", quality_steps=4)
     on = TrainingObjective(tiny_model(config), config.loss, "quality").describe_quality()
     assert "Laplacian pyramid L1 (weight-free)" in on and "rk4, 4 steps" in on and "weight 0.5" in on
+
+
+def checkerboard(size: int = 32) -> torch.Tensor:
+    """(-1)^(i + j) on [1 x 3 x size x size]: the pyramid's binomial blur maps it to 0 (1 - 4 + 6 - 4 + 1 = 0 per
+    axis, and reflect padding continues it), so it lies wholly in the finest band."""
+    i = torch.arange(size, dtype=torch.float64)
+    return ((-1.0) ** (i[:, None] + i[None, :])).expand(1, 3, size, size)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7])
+def test_detail_term_asks_for_the_amount_of_texture_not_its_phase(weight):
+    """Closed forms on a checkerboard of amplitude a about 0.5: against a flat grey image the band L1 is a and
+    the energy term adds weight * a (mean |band| a against 0 in every window); against the same checkerboard
+    in opposite phase the band L1 is 2a and the energy term 0, whatever its weight."""
+    a = 0.1
+    distance = LaplacianPyramidDistance(energy_weight=weight).double()
+    texture = 0.5 + a * checkerboard()
+    flat = torch.full_like(texture, 0.5)
+    assert distance(flat, texture).item() == pytest.approx(a * (1 + weight), rel=1e-12)
+    assert distance(1.0 - texture, texture).item() == pytest.approx(2 * a, rel=1e-12)
+    assert distance(texture, texture).item() == 0.0
+
+
+def test_detail_term_is_local_to_its_windows():
+    """Texture moved from the left half to the right half (window-aligned, 8-pixel windows of 32 x 32): each
+    window's energy differs by a on the finest band wherever either image has texture away from the seam, so the
+    energy term is close to a, unlike a global energy match, which would be 0."""
+    a = 0.1
+    distance = LaplacianPyramidDistance(energy_weight=1.0).double()
+    left, right = torch.zeros(1, 3, 32, 32, dtype=torch.float64), torch.zeros(1, 3, 32, 32, dtype=torch.float64)
+    left[..., :16], right[..., 16:] = 1.0, 1.0
+    x, y = 0.5 + a * checkerboard() * left, 0.5 + a * checkerboard() * right
+    energy = distance(x, y) - LaplacianPyramidDistance().double()(x, y)
+    assert 0.8 * a < energy.item() < 1.2 * a
+    assert distance.local_energy(distance.bands(x)[0]).shape == (1, 3, 4, 4)
+
+
+def test_detail_weight_reaches_the_distance_and_is_validated():
+    config = config_from_dict({"loss": {"quality_weight": 0.5, "quality_detail_weight": 0.25}})
+    objective = TrainingObjective(build_model(config), config.loss, stage="quality")
+    assert objective.distance.energy_weight == 0.25
+    assert "local band energy" in objective.describe_quality()
+    for bad, message in (({"quality_detail_weight": -1.0}, "must be >= 0"),
+                         ({"quality_detail_weight": 0.5, "quality_features": "vgg19"}, "laplacian")):
+        with pytest.raises(ConfigError, match=f"loss.quality_detail_weight.*{message}"):
+            config_from_dict({"loss": bad})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ class LossConfig:
     # "laplacian": weight-free L1 over a Laplacian pyramid, works offline.
     quality_features: Literal["vgg19", "laplacian"] = "laplacian"
     quality_vgg19_weights: Optional[str] = None
+    # "laplacian" only: adds this weight times an L1 between the local energies (mean |band| per 8 x 8 window) of
+    # the pyramid's bands, which asks for the HR's amount of detail but not its exact phase; 0: the plain L1.
+    quality_detail_weight: float = 0.0
 
 
 @dataclass
@@ -205,6 +209,11 @@ class Config:
                "levels^dims (the histogram's bins) must be at most 2^24")
         _check(self.loss.quality_steps >= 1, "loss.quality_steps", "must be >= 1")
         _check(self.loss.quality_every >= 1, "loss.quality_every", "must be >= 1")
+        _check(self.loss.quality_detail_weight >= 0, "loss.quality_detail_weight",
+               f"must be >= 0, got {self.loss.quality_detail_weight}")
+        _check(self.loss.quality_detail_weight == 0 or self.loss.quality_features == "laplacian",
+               "loss.quality_detail_weight", "is a term of the laplacian features: set loss.quality_features: "
+               "laplacian, or loss.quality_detail_weight: 0")
         _check(self.loss.dsm_weight >= 0, "loss.dsm_weight", f"must be >= 0, got {self.loss.dsm_weight}")
         _check(self.loss.dsm_weight > 0 or self.train.stage == "encoder" or
                (self.loss.quality_weight > 0 and self.loss.quality_every == 1), "loss.dsm_weight",
@@ -235,6 +244,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -272,6 +284,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-5, with no dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

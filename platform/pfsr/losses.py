@@ -93,12 +93,17 @@ class LaplacianPyramidDistance(nn.Module):
     """Weight-free image distance: L1 over the bands of a 5-level Laplacian pyramid of [N x 3 x H x W] in [0, 1].
 
     The default quality feature when no VGG19 weights are supplied: it needs no download and weighs edges and
-    texture at several scales, as feature distances do, rather than raw pixels alone.
+    texture at several scales, as feature distances do, rather than raw pixels alone. With energy_weight > 0 it
+    adds energy_weight times the L1 between the bands' local energies (mean |band| over windows of
+    `energy_window` pixels of each level): a term blind to where texture lies within a window, so it asks for
+    the HR's amount of detail without asking for its exact phase, which a deterministic sample cannot know.
     """
 
-    def __init__(self, levels: int = 5):
+    def __init__(self, levels: int = 5, energy_weight: float = 0.0, energy_window: int = 8):
         super().__init__()
         self.levels = levels
+        self.energy_weight = energy_weight
+        self.energy_window = energy_window
         g = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
         self.register_buffer("kernel", (g[:, None] * g[None, :]).expand(3, 1, 5, 5).clone(), persistent=False)
 
@@ -116,14 +121,23 @@ class LaplacianPyramidDistance(nn.Module):
         out.append(x)
         return out
 
+    def local_energy(self, band: Tensor) -> Tensor:
+        """[N x C x H x W] -> mean |band| per window [N x C x ceil(H / w) x ceil(W / w)]."""
+        return F.avg_pool2d(band.abs(), self.energy_window, ceil_mode=True)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return sum(F.l1_loss(a, b) * 2**i for i, (a, b) in enumerate(zip(self.bands(x), self.bands(y))))
+        bands = list(zip(self.bands(x), self.bands(y)))
+        distance = sum(F.l1_loss(a, b) * 2**i for i, (a, b) in enumerate(bands))
+        if self.energy_weight > 0:  # the detail bands only: the last is the low-pass residual
+            distance = distance + self.energy_weight * sum(
+                F.l1_loss(self.local_energy(a), self.local_energy(b)) * 2**i for i, (a, b) in enumerate(bands[:-1]))
+        return distance
 
 
 def build_quality_distance(cfg: LossConfig) -> nn.Module:
     """The feature distance of the quality loss: "laplacian" (weight-free) or "vgg19" (needs weights)."""
     if cfg.quality_features == "laplacian":
-        return LaplacianPyramidDistance()
+        return LaplacianPyramidDistance(energy_weight=cfg.quality_detail_weight)
     from .features import VGG19Distance
 
     return VGG19Distance(cfg.quality_vgg19_weights)
@@ -224,7 +238,8 @@ class TrainingObjective(nn.Module):
             return "off"
         c = self.cfg
         features = ("VGG19 conv5_4 features, L1 (pretrained weights)" if c.quality_features == "vgg19"
-                    else "Laplacian pyramid L1 (weight-free)")
+                    else "Laplacian pyramid L1 (weight-free)" + (
+                        f" + {c.quality_detail_weight:g} x local band energy L1" if c.quality_detail_weight else ""))
         solver = f"rk4, {c.quality_steps} steps" if c.quality_solver == "rk4" else \
             f"dopri5, rtol {c.quality_rtol:g}"
         through = "the one-call data prediction at t*" if self.stage == "inversion" else \
